@@ -1,0 +1,49 @@
+"""Canonical bytes for events, and upcasting of old shapes read from disk.
+
+Stored ``data`` is the event encoded as JSON with every object's keys sorted, so the
+bytes (and the hash chain over them) are the same whether they come from a Struct or
+from a plain dict parsed out of an export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from events.types import AnyEvent, Event
+
+_ENCODER = msgspec.json.Encoder(order="sorted")
+_DECODER = msgspec.json.Decoder(AnyEvent)
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+# tag -> function turning an old stored shape into the current one. Register an entry
+# here when an event's shape changes incompatibly; stored bytes are never rewritten.
+UPCASTERS: dict[str, Upcaster] = {}
+
+
+def encode_event(event: Event) -> bytes:
+    """The canonical bytes of an event (its ``type`` tag included)."""
+    return _ENCODER.encode(event)
+
+
+def canonical_json(value: object) -> bytes:
+    """Encode any JSON-able value with sorted keys: the form the hash chain covers."""
+    return _ENCODER.encode(value)
+
+
+def decode_event(type_: str, data: bytes) -> AnyEvent:
+    """Decode stored bytes into the current event Struct, upcasting old shapes."""
+    upcast = UPCASTERS.get(type_)
+    if upcast is None:
+        return _DECODER.decode(data)
+    raw = msgspec.json.decode(data)
+    return msgspec.convert(upcast(raw), AnyEvent)  # type: ignore[arg-type]
+
+
+def event_to_builtins(event: Event) -> dict[str, Any]:
+    """The event as plain dicts and lists (for exports and snapshots)."""
+    result: dict[str, Any] = msgspec.json.decode(_ENCODER.encode(event))
+    return result

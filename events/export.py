@@ -1,0 +1,55 @@
+"""The audit export's line format, both ways (pure).
+
+One line per event: ``seq, at, type, actor, correlation_id, causation_id, data, hash``
+with ``data`` as a JSON object and ``hash`` as hex. Re-encoding ``data`` with sorted keys
+gives back the stored bytes, so an export can be verified without the database.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from events.codec import canonical_json
+
+__all__ = ["FIELDS", "Row", "row_to_export", "row_from_export"]
+
+FIELDS = ("seq", "at", "type", "actor", "correlation_id", "causation_id", "data", "hash")
+
+Row = tuple[int, float, str, str, "str | None", "int | None", bytes, bytes]
+
+
+def row_to_export(row: Row) -> dict[str, Any]:
+    seq, at, type_, actor, corr, cause, data, digest = row
+    return {
+        "seq": seq,
+        "at": at,
+        "type": type_,
+        "actor": actor,
+        "correlation_id": corr,
+        "causation_id": cause,
+        "data": msgspec.json.decode(data),
+        "hash": bytes(digest).hex(),
+    }
+
+
+def row_from_export(line: dict[str, Any]) -> Row:
+    """Rebuild the stored row from an exported line (``ValueError`` if malformed)."""
+    try:
+        data = line["data"]
+        if isinstance(data, str):  # CSV carries data as a JSON string
+            data = msgspec.json.decode(data)
+        cause = line["causation_id"]
+        return (
+            int(line["seq"]),
+            float(line["at"]),
+            str(line["type"]),
+            str(line["actor"]),
+            line["correlation_id"] or None,
+            int(cause) if cause not in (None, "") else None,
+            canonical_json(data),
+            bytes.fromhex(line["hash"]),
+        )
+    except (KeyError, TypeError, ValueError, msgspec.DecodeError) as exc:
+        raise ValueError(f"malformed export line: {exc}") from exc

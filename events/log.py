@@ -1,0 +1,184 @@
+"""The append-only event log on SQLite (apsw). The only module that touches SQL.
+
+WAL with ``synchronous=FULL``: an append returns only once its transaction is on disk.
+Triggers abort any UPDATE or DELETE. apsw's exceptions become :class:`LogError` here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import apsw
+
+from events.codec import decode_event
+from events.envelope import GENESIS_HASH, Recorded, canonical_bytes, chain_hash
+
+__all__ = ["EventLog", "LogError", "LogConflict", "ChainBroken", "verify_rows"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events(
+    seq INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    type TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    correlation_id TEXT,
+    causation_id INTEGER,
+    data BLOB NOT NULL,
+    hash BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'the event log is append-only: UPDATE is refused'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'the event log is append-only: DELETE is refused'); END;
+"""
+
+_COLUMNS = "seq, at, type, actor, correlation_id, causation_id, data, hash"
+
+
+class LogError(Exception):
+    """The log could not be read or written."""
+
+
+class LogConflict(LogError):
+    """An append did not continue the chain (wrong seq or prev hash)."""
+
+
+class ChainBroken(LogError):
+    """Verification found an event whose hash does not match; ``seq`` names it."""
+
+    def __init__(self, seq: int, why: str) -> None:
+        super().__init__(f"hash chain broken at seq {seq}: {why}")
+        self.seq = seq
+        self.why = why
+
+
+Row = tuple[int, float, str, str, str | None, int | None, bytes, bytes]
+
+
+def verify_rows(rows: Iterator[Row] | Sequence[Row]) -> int:
+    """Check a stream of rows in seq order; return the count or raise :class:`ChainBroken`."""
+    prev = GENESIS_HASH
+    expected = 1
+    count = 0
+    for seq, at, type_, actor, corr, cause, data, digest in rows:
+        if seq != expected:
+            raise ChainBroken(expected, f"seq {expected} is missing (found {seq})")
+        if chain_hash(prev, canonical_bytes(seq, at, type_, actor, corr, cause, data)) != digest:
+            raise ChainBroken(seq, "stored hash does not match its contents")
+        prev = digest
+        expected += 1
+        count += 1
+    return count
+
+
+class EventLog:
+    """One SQLite file holding the log. Not thread-safe: one writer at a time."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = str(path)
+        self.readonly = readonly
+        try:
+            if readonly:
+                flags = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
+                self._db = apsw.Connection(f"file:{self.path}?mode=ro", flags=flags)
+            else:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                self._db = apsw.Connection(self.path)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                with self._db:
+                    self._db.execute(_SCHEMA)
+            self._db.setbusytimeout(5000)
+            self.last_seq, self.last_hash = self._tail()
+        except apsw.Error as exc:
+            raise LogError(f"cannot open event log {self.path}: {exc}") from exc
+
+    def _tail(self) -> tuple[int, bytes]:
+        row = self._db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None:
+            return 0, GENESIS_HASH
+        return int(row[0]), bytes(row[1])
+
+    def refresh(self) -> None:
+        """Re-read where the log ends (after a failed append, say)."""
+        try:
+            self.last_seq, self.last_hash = self._tail()
+        except apsw.Error as exc:
+            raise LogError(f"reading the event log failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def append(self, batch: Sequence[Recorded]) -> None:
+        """Append sealed events in one durable transaction; all or nothing."""
+        if not batch:
+            return
+        if batch[0].seq != self.last_seq + 1:
+            raise LogConflict(f"append starts at seq {batch[0].seq}, log ends at {self.last_seq}")
+        rows = [
+            (r.seq, r.at, r.type, r.actor, r.correlation_id, r.causation_id, r.data, r.hash)
+            for r in batch
+        ]
+        try:
+            with self._db:
+                self._db.executemany(
+                    f"INSERT INTO events({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows
+                )
+        except apsw.ConstraintError as exc:
+            raise LogConflict(f"append refused: {exc}") from exc
+        except apsw.Error as exc:
+            raise LogError(f"append failed: {exc}") from exc
+        self.last_seq = batch[-1].seq
+        self.last_hash = batch[-1].hash
+
+    def rows(self, after_seq: int = 0, until_seq: int | None = None) -> Iterator[Row]:
+        """Raw rows in seq order (seq > after_seq, and <= until_seq when given)."""
+        sql = f"SELECT {_COLUMNS} FROM events WHERE seq > ?"
+        args: tuple[int, ...] = (after_seq,)
+        if until_seq is not None:
+            sql += " AND seq <= ?"
+            args = (after_seq, until_seq)
+        try:
+            cursor = self._db.cursor().execute(sql + " ORDER BY seq", args)
+            for row in cursor:
+                yield row  # type: ignore[misc]
+        except apsw.Error as exc:
+            raise LogError(f"reading the event log failed: {exc}") from exc
+
+    def read(self, after_seq: int = 0, until_seq: int | None = None) -> Iterator[Recorded]:
+        """Decoded events in seq order."""
+        for seq, at, type_, actor, corr, cause, data, digest in self.rows(after_seq, until_seq):
+            yield Recorded(
+                seq=seq,
+                at=at,
+                actor=actor,
+                correlation_id=corr,
+                causation_id=cause,
+                event=decode_event(type_, data),
+                data=data,
+                hash=digest,
+            )
+
+    def verify(self) -> int:
+        """Check the whole chain; return the event count or raise :class:`ChainBroken`."""
+        return verify_rows(self.rows())
+
+    def backup_to(self, dest: str | Path) -> None:
+        """A consistent online copy of the log into ``dest`` (SQLite's backup API)."""
+        try:
+            target = apsw.Connection(str(dest))
+            with target.backup("main", self._db, "main") as job:
+                job.step(-1)
+            target.close()
+        except apsw.Error as exc:
+            raise LogError(f"backup to {dest} failed: {exc}") from exc
+
+    def execute_raw(self, sql: str) -> None:
+        """Run raw SQL against the log (tests use it to prove the triggers hold)."""
+        try:
+            with self._db:
+                self._db.execute(sql)
+        except apsw.Error as exc:
+            raise LogError(str(exc)) from exc

@@ -1,0 +1,207 @@
+"""The in-memory state every read and every decision works from.
+
+It is built only by :func:`projections.fold.apply`; nothing else mutates it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec import Struct, field
+from sortedcontainers import SortedList
+
+from events.types import GpuDevice, JobSpec, Level, Settings
+
+Status = Literal["pending", "blocked", "running", "completed", "failed", "cancelled", "rejected"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", "rejected"})
+STATUSES: tuple[str, ...] = (
+    "pending", "blocked", "running", "completed", "failed", "cancelled", "rejected",
+)
+
+# A pending job's key inside its stream: the stream is sorted by it.
+OrderKey = tuple[float, int, str]  # (queued_at, submit seq, job_id)
+# A stream of pending jobs sharing a base priority and a kind of need.
+StreamLevel = tuple[int, bool]  # (base priority p, needs GPUs)
+
+
+class JobEntry(Struct, kw_only=True):
+    """One job as the queue sees it (mutable: only the fold writes to it)."""
+
+    job_id: str
+    user_id: int
+    team_id: str | None
+    spec: JobSpec
+    priority: int
+    status: Status
+    submitted_at: float
+    queued_at: float
+    submit_seq: int
+    priority_override: int | None = None
+    started_at: float | None = None
+    completed_at: float | None = None
+    requires_approval: bool = False
+    approval_reason: str | None = None
+    attempt: int = 1
+    max_attempts: int = 3
+    error_message: str | None = None
+    metadata: dict[str, object] = field(default_factory=dict)
+    allocated_gpus: tuple[int, ...] = ()
+    exit_code: int | None = None
+    worker_id: str | None = None
+    pid: int | None = None
+    process_start_time: int | None = None
+    cancel_requested: bool = False
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+    @property
+    def base_priority(self) -> int:
+        """``priority_override ?? priority`` (SPEC section 4)."""
+        return self.priority if self.priority_override is None else self.priority_override
+
+    @property
+    def needs_gpus(self) -> bool:
+        return self.spec.num_processes > 0
+
+    @property
+    def level(self) -> StreamLevel:
+        return (self.base_priority, self.spec.num_processes > 0)
+
+    @property
+    def order_key(self) -> OrderKey:
+        return (self.queued_at, self.submit_seq, self.job_id)
+
+
+class User(Struct, kw_only=True):
+    user_id: int
+    name: str
+    level: Level
+    team_id: str | None = None
+
+
+class Token(Struct, kw_only=True):
+    token_id: str
+    user_id: int
+    token_hash: str
+
+
+class PendingIndex:
+    """Pending jobs, kept in order by every event rather than sorted per read.
+
+    Jobs are grouped into *levels* by base priority and GPU need. Within a level every
+    job has the same base priority, so its effective priority (with aging) can only fall
+    as ``queued_at`` grows: sorting a level by ``(queued_at, seq)`` keeps it in queue
+    order at every instant, and the global order is a merge of at most a few levels.
+
+    - ``levels[L]``: every pending job at level L (positions, listings);
+    - ``by_user[(user, L)]``: one user's jobs at level L (the scheduler's skip-and-continue);
+    - ``heads[L]``: the first job of each user at level L.
+    """
+
+    __slots__ = ("levels", "by_user", "heads", "enabled")
+
+    def __init__(self) -> None:
+        self.levels: dict[StreamLevel, SortedList] = {}
+        self.by_user: dict[tuple[int, StreamLevel], SortedList] = {}
+        self.heads: dict[StreamLevel, SortedList] = {}
+        self.enabled = True
+
+    def __len__(self) -> int:
+        return sum(len(jobs) for jobs in self.levels.values())
+
+    def add(self, job: JobEntry) -> None:
+        if not self.enabled:
+            return
+        level = job.level
+        key = job.order_key
+        self.levels.setdefault(level, SortedList()).add(key)
+        mine = self.by_user.setdefault((job.user_id, level), SortedList())
+        old_head = mine[0] if mine else None
+        mine.add(key)
+        if mine[0] != old_head:
+            heads = self.heads.setdefault(level, SortedList())
+            if old_head is not None:
+                heads.remove(old_head)
+            heads.add(key)
+
+    def remove(self, job: JobEntry) -> None:
+        if not self.enabled:
+            return
+        level = job.level
+        key = job.order_key
+        jobs = self.levels[level]
+        jobs.remove(key)
+        if not jobs:
+            del self.levels[level]
+        mine = self.by_user[(job.user_id, level)]
+        was_head = mine[0] == key
+        mine.remove(key)
+        if was_head:
+            heads = self.heads[level]
+            heads.remove(key)
+            if mine:
+                heads.add(mine[0])
+            elif not heads:
+                del self.heads[level]
+        if not mine:
+            del self.by_user[(job.user_id, level)]
+
+    def rebuild(self, pending: list[JobEntry]) -> None:
+        """Build the whole index at once (after a replay that ran with it disabled)."""
+        grouped: dict[StreamLevel, list[OrderKey]] = {}
+        mine: dict[tuple[int, StreamLevel], list[OrderKey]] = {}
+        for job in pending:
+            level = job.level
+            key = job.order_key
+            grouped.setdefault(level, []).append(key)
+            mine.setdefault((job.user_id, level), []).append(key)
+        self.levels = {level: SortedList(keys) for level, keys in grouped.items()}
+        self.by_user = {ul: SortedList(keys) for ul, keys in mine.items()}
+        heads: dict[StreamLevel, list[OrderKey]] = {}
+        for (_, level), keys in self.by_user.items():
+            heads.setdefault(level, []).append(keys[0])
+        self.heads = {level: SortedList(keys) for level, keys in heads.items()}
+        self.enabled = True
+
+
+class QueueState:
+    """Everything the fold knows. Attributes are read by the API and the deciders."""
+
+    def __init__(self) -> None:
+        self.last_seq = 0
+        self.last_at = 0.0
+        self.settings = Settings()
+        self.jobs: dict[str, JobEntry] = {}
+        self.pending = PendingIndex()
+        self.blocked: dict[str, None] = {}  # in submission order (approval expiry)
+        self.running: dict[str, None] = {}
+        self.user_running: dict[int, int] = {}
+        self.team_running: dict[str, int] = {}
+        self.local_running = 0
+        self.status_counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
+        self.user_active: dict[int, int] = {}  # pending + running per user
+        self.gpu_backend = "none"
+        self.gpus: tuple[GpuDevice, ...] = ()
+        self.gpu_holder: dict[int, str] = {}  # device index -> job id
+        # Dispatch times and waits, in time order, with running sums (SPEC 7 avg wait).
+        self.wait_at: list[float] = []
+        self.wait_sums: list[float] = [0.0]
+        self.users: dict[int, User] = {}
+        self.tokens: dict[str, Token] = {}
+        self.token_by_hash: dict[str, str] = {}
+        self.idempotency: dict[tuple[int, str], str] = {}
+
+    @property
+    def running_total(self) -> int:
+        return len(self.running)
+
+    @property
+    def allocated_gpu_count(self) -> int:
+        return len(self.gpu_holder)
+
+    def free_gpus(self) -> list[int]:
+        """Indices of inventory GPUs that no running job holds, lowest first."""
+        return sorted(d.index for d in self.gpus if d.index not in self.gpu_holder)
+
+    def pending_jobs(self) -> list[JobEntry]:
+        return [job for job in self.jobs.values() if job.status == "pending"]
