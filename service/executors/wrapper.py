@@ -1,0 +1,157 @@
+"""The job wrapper: runs one job's command and writes down how it ended.
+
+Run as ``python -I wrapper.py --run-dir DIR --attempt N [--cwd DIR] -- ARGV...`` by the
+local executor, as the leader of a new session and process group (``start_new_session``);
+the command runs as its child, in the same group. It uses the standard library only, so
+it works whatever the job's environment or the server's state.
+
+1. Writes ``DIR/launch.json`` (``attempt``, its own ``pid``, process ``start_time`` from
+   ``/proc`` and the ``boot_id``), so a restarted server can adopt the job even if it died
+   before recording ``job.started``.
+2. Starts the command; SIGTERM, SIGINT and SIGHUP sent to the wrapper are relayed to the
+   whole process group (the wrapper ignores its own echo), so ``kill <wrapper pid>`` stops
+   the command and everything it spawned.
+3. When the command ends, writes ``DIR/exit_code`` atomically (``attempt`` and
+   ``exit_code``: negative N means killed by signal N), or ``error`` when the command could
+   not start (missing binary, bad working directory); this happens even when the server is
+   gone. Then it SIGKILLs whatever the command left running in its group, so the GPUs are
+   really free once the job is recorded as finished, and exits with the command's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _write_atomically(path: str, payload: dict[str, object]) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _start_time(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        stat = handle.read().decode("ascii", "replace")
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Pids of the processes in group ``pgid`` (read from /proc), the caller excluded."""
+    members = []
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(name))
+    return members
+
+
+def _kill_leftovers() -> None:
+    """SIGKILL what the command left in this process group (never the wrapper itself)."""
+    pgid = os.getpgrp()
+    if pgid != os.getpid():
+        return  # not a group leader: the group is not ours to clean
+    for _ in range(20):
+        members = _group_members(pgid)
+        if not members:
+            return
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+
+
+def _launch_error(exc: OSError, argv: list[str], cwd: str | None) -> str:
+    if cwd is not None and exc.filename == cwd:
+        return f"working_dir {cwd!r} cannot be used: {exc.strerror}"
+    if isinstance(exc, FileNotFoundError):
+        return f"command not found: {argv[0]}"
+    if isinstance(exc, PermissionError):
+        return f"command is not executable: {argv[0]}"
+    return f"could not start {argv[0]}: {exc.strerror or exc}"
+
+
+def _relay(signum: int, _frame: object) -> None:
+    """Relay a stop signal to the whole group, ignoring the copy that comes back to us."""
+    signal.signal(signum, signal.SIG_IGN)
+    try:
+        os.killpg(os.getpgrp(), signum)
+    finally:
+        signal.signal(signum, _relay)
+
+
+def main(args: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpuyard-wrapper")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--attempt", type=int, required=True)
+    parser.add_argument("--cwd", default=None)
+    parser.add_argument("argv", nargs=argparse.REMAINDER)
+    options = parser.parse_args(args)
+    argv = options.argv[1:] if options.argv[:1] == ["--"] else options.argv
+    run_dir = options.run_dir
+    exit_file = os.path.join(run_dir, "exit_code")
+    pid = os.getpid()
+    _write_atomically(os.path.join(run_dir, "launch.json"), {
+        "attempt": options.attempt, "pid": pid, "start_time": _start_time(pid),
+        "boot_id": _boot_id(),
+    })
+    for signum in RELAYED:
+        signal.signal(signum, _relay)
+    if not argv:
+        error = "the job has an empty command"
+        print(f"gpuyard: {error}", file=sys.stderr, flush=True)
+        _write_atomically(exit_file, {"attempt": options.attempt, "error": error})
+        return 127
+    try:
+        child = subprocess.Popen(argv, cwd=options.cwd)
+    except OSError as exc:
+        error = _launch_error(exc, argv, options.cwd)
+        print(f"gpuyard: {error}", file=sys.stderr, flush=True)
+        _write_atomically(exit_file, {"attempt": options.attempt, "error": error})
+        return 127
+    while True:
+        try:
+            code = child.wait()
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
+            continue
+    _write_atomically(exit_file, {"attempt": options.attempt, "exit_code": code})
+    _kill_leftovers()
+    return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
