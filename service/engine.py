@@ -112,6 +112,7 @@ class Engine:
         self.clock = clock
         self.tick_seconds = tick_seconds
         self.state, self._work = _replay(event_log)
+        self.replayed_seq = self.state.last_seq  # what start-up replayed; later seqs are ours
         self._missed: list[Recorded] = []  # committed, not yet folded into the working copy
         self._send, self._receive = anyio.create_memory_object_stream[_Request](math.inf)
         self._subscribers: list[Subscriber] = []
@@ -212,11 +213,14 @@ class Engine:
             into.append(recorded)
         return sealed
 
-    def _schedule(self, now: float, into: list[Recorded], correlation_id: str | None) -> None:
+    def _schedule(
+        self, now: float, into: list[Recorded], correlation_id: str | None
+    ) -> list[Recorded]:
         cause = into[-1].seq if into else None
         dispatches = scheduler.decide(self._work, now)
-        if dispatches:
-            self._seal_all(list(dispatches), SCHEDULER_ACTOR, correlation_id, cause, now, into)
+        if not dispatches:
+            return []
+        return self._seal_all(list(dispatches), SCHEDULER_ACTOR, correlation_id, cause, now, into)
 
     async def _run_batch(self, batch: list[_Request]) -> None:
         self._catch_up()
@@ -243,6 +247,9 @@ class Engine:
             if isinstance(command, Submit) and command.no_wait and outcome.events:
                 # its answer promised a start: give it the pass before anyone else acts
                 self._schedule(now, records, request.correlation_id)
+            if isinstance(command, Process):
+                # a pass of its own, so that its answer can name what it dispatched
+                mine = mine + self._schedule(now, records, request.correlation_id)
             wants_pass = wants_pass or bool(outcome.events) or isinstance(
                 command, (Process, ExpireApprovals)
             )

@@ -25,7 +25,9 @@ executor reconciles every running local job of the replayed state:
   a retryable failure, so it is re-queued with ``attempt + 1`` (or fails at
   ``max_attempts``);
 
-then it asks for a scheduling pass.
+then it asks for a scheduling pass. A job this server dispatched after its replay but before
+the executor subscribed (the start-up inventory batch may dispatch) is launched, not taken
+for a crash: the engine's ``replayed_seq`` tells the two apart.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from events.envelope import Recorded
+from events.log import EventLog
 from events.types import JobCancelRequested, JobDispatched
 from projections.state import JobEntry
 from service.commands import (
@@ -142,6 +145,7 @@ class LocalExecutor:
     # ------------------------------------------------------------ reconcile at start
 
     async def _reconcile(self) -> None:
+        ours = self._dispatched_since_replay()
         state = self.engine.state
         running = [
             (job.job_id, job.attempt) for job in (state.jobs[j] for j in state.running)
@@ -151,8 +155,29 @@ class LocalExecutor:
             job = self.engine.state.jobs.get(job_id)
             if job is None or job.status != "running" or job.attempt != attempt:
                 continue  # it changed meanwhile (cancelled, finished by another report)
+            if (job_id, attempt) in ours and job.pid is None:
+                # dispatched by this server before the executor listened (the start-up
+                # inventory batch can do that): not a crash, just launch it
+                self._on_dispatched(JobDispatched(job_id=job_id, gpus=job.allocated_gpus,
+                                                  attempt=attempt))
+                continue
             await self._reconcile_job(job)
         await self._report(Process())
+
+    def _dispatched_since_replay(self) -> set[tuple[str, int]]:
+        """(job, attempt) of the dispatches this server committed after its start-up replay."""
+        replayed = self.engine.replayed_seq
+        if self.engine.state.last_seq <= replayed:
+            return set()
+        reader = EventLog(self.engine.log.path, readonly=True)
+        try:
+            return {
+                (recorded.event.job_id, recorded.event.attempt)
+                for recorded in reader.read(after_seq=replayed)
+                if isinstance(recorded.event, JobDispatched)
+            }
+        finally:
+            reader.close()
 
     async def _reconcile_job(self, job: JobEntry) -> None:
         files = RunFiles(self.runs_dir, job.job_id)
