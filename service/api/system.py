@@ -1,0 +1,189 @@
+"""System routes: the machine's status (SPEC section 7, the seed's shape) and job logs.
+
+``GET /api/system/status?include_allocation=true``: load, memory, per-GPU usage (NVML
+only), the recorded GPU inventory and, on request, which job holds which GPU.
+``GET /api/queue/{job_id}/logs?tail=N``: the job's combined stdout and stderr as text.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from litestar import Request, Response, Router, get
+from litestar.params import Parameter
+from litestar.response import Stream
+from msgspec import Struct
+
+from projections import views
+from projections.state import QueueState
+from service.api.auth import check_can_view
+from service.api.errors import error_responses
+from service.commands import Actor, UnknownJob
+from service.executors.run_files import RunFiles, read_tail
+from service.gpus import Inventory, gpu_usage
+
+__all__ = ["system_router", "memory_percent", "inventory_summary"]
+
+TEXT = "text/plain; charset=utf-8"
+CHUNK = 64 * 1024
+
+
+class GpuUsage(Struct, kw_only=True):
+    index: int
+    name: str
+    uuid: str | None
+    memory_total_gb: float
+    memory_used_gb: float | None
+    utilization_percent: float | None
+    memory_utilization_percent: float | None
+
+
+class GpuInventorySummary(Struct, kw_only=True):
+    backend: str
+    count: int
+    capabilities: dict[str, Any]
+
+
+class GpuAllocationDevice(Struct, kw_only=True):
+    index: int
+    name: str
+    memory_gb: float
+    allocated: bool
+    job_id: str | None
+
+
+class GpuAllocation(Struct, kw_only=True):
+    allocated_gpus: list[int]
+    available_gpus: list[int]
+    running_local_jobs: int
+    devices: list[GpuAllocationDevice]
+
+
+class SystemStatus(Struct, kw_only=True, omit_defaults=True):
+    timestamp: float
+    load_avg_5min: float | None
+    memory_percent: float | None
+    gpus: list[GpuUsage]
+    gpu_inventory: GpuInventorySummary
+    gpu_allocation: GpuAllocation | None = None
+
+
+def memory_percent(meminfo: str) -> float | None:
+    """Memory in use, in percent, from the text of ``/proc/meminfo``."""
+    values: dict[str, int] = {}
+    for line in meminfo.splitlines():
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            values[name] = int(fields[0])
+    total = values.get("MemTotal")
+    available = values.get("MemAvailable")
+    if available is None and total is not None:  # kernels before 3.14
+        available = sum(values.get(k, 0) for k in ("MemFree", "Buffers", "Cached"))
+    if not total or available is None:
+        return None
+    return round(100.0 * (total - available) / total, 1)
+
+
+def _read_memory_percent() -> float | None:
+    try:
+        return memory_percent(Path("/proc/meminfo").read_text(encoding="ascii"))
+    except OSError:
+        return None
+
+
+def _load_avg_5min() -> float | None:
+    try:
+        return round(os.getloadavg()[1], 2)
+    except OSError:
+        return None
+
+
+def inventory_summary(state: QueueState) -> GpuInventorySummary:
+    """The recorded inventory: backend, count, and what it can tell (models, memory)."""
+    models = Counter(device.name for device in state.gpus)
+    return GpuInventorySummary(
+        backend=state.gpu_backend,
+        count=len(state.gpus),
+        capabilities={
+            "usage_metrics": state.gpu_backend == "nvml",
+            "models": dict(sorted(models.items())),
+            "total_memory_gb": round(sum(device.memory_gb for device in state.gpus), 1),
+            "indices": sorted(device.index for device in state.gpus),
+        },
+    )
+
+
+@get("/system/status", responses=error_responses(401, 422), summary="Machine status",
+     tags=["system"])
+async def system_status(
+    request: Request[Any, Any, Any], actor: Actor, include_allocation: bool = False
+) -> SystemStatus:
+    """Load average, memory in use, per-GPU usage (from NVML; usage fields are null for a
+    ``--gpus`` inventory), the recorded GPU inventory and, with ``include_allocation``,
+    which job holds each GPU."""
+    runtime = request.app.state.runtime
+    state: QueueState = runtime.engine.state
+    allocation = None
+    if include_allocation:
+        raw = views.gpu_allocation(state)
+        allocation = GpuAllocation(
+            allocated_gpus=raw["allocated_gpus"],
+            available_gpus=raw["available_gpus"],
+            running_local_jobs=raw["running_local_jobs"],
+            devices=[GpuAllocationDevice(**device) for device in raw["devices"]],
+        )
+    inventory: Inventory = runtime.inventory
+    if inventory.backend == "nvml":
+        usage = await anyio.to_thread.run_sync(gpu_usage, inventory)  # NVML calls block
+    else:
+        usage = gpu_usage(inventory)
+    return SystemStatus(
+        timestamp=time.time(),
+        load_avg_5min=_load_avg_5min(),
+        memory_percent=_read_memory_percent(),
+        gpus=[GpuUsage(**row) for row in usage],  # type: ignore[arg-type]
+        gpu_inventory=inventory_summary(state),
+        gpu_allocation=allocation,
+    )
+
+
+async def _whole_file(path: Path) -> AsyncIterator[bytes]:
+    try:
+        handle = await anyio.open_file(path, "rb")
+    except FileNotFoundError:
+        return
+    async with handle:
+        while chunk := await handle.read(CHUNK):
+            yield chunk
+
+
+@get("/queue/{job_id:str}/logs", responses=error_responses(401, 403, 404, 422),
+     summary="A job's output", tags=["queue"], media_type=TEXT)
+async def job_logs(
+    request: Request[Any, Any, Any],
+    actor: Actor,
+    job_id: str,
+    tail: Annotated[int | None, Parameter(ge=1, description="only the last N lines")] = None,
+) -> Response[bytes] | Stream:
+    """The job's combined stdout and stderr (every attempt), as text; empty before it runs.
+    Your own jobs, or any job for leads and admins."""
+    runtime = request.app.state.runtime
+    job = runtime.engine.state.jobs.get(job_id)
+    if job is None:
+        raise UnknownJob(f"no job with id {job_id!r}")
+    check_can_view(actor, job)
+    path = RunFiles(Path(runtime.data_dir) / "runs", job_id).output
+    if tail is None:
+        return Stream(_whole_file(path), media_type=TEXT)
+    content = await anyio.to_thread.run_sync(read_tail, path, tail)
+    return Response(content, media_type=TEXT)
+
+
+system_router = Router(path="/api", route_handlers=[system_status, job_logs])
