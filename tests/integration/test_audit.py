@@ -1,0 +1,175 @@
+"""Audit: a real log written by the engine, exported, verified, and tampered with."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import apsw
+import pytest
+from cli_runner import gpuyard, one_error_line
+from recorded_day import record_busy_day
+
+from events.log import EventLog
+from service.audit import (
+    AuditError,
+    ChainBroken,
+    backup_log,
+    source_rows,
+    verify_file,
+    verify_partial,
+    write_export,
+)
+
+
+@pytest.fixture(scope="module")
+def day_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return record_busy_day(tmp_path_factory.mktemp("audit") / "events.db", jobs=20)
+
+
+def _export(db: Path, dest: Path, fmt: str = "jsonl") -> Path:
+    with open(dest, "wb") as out:
+        write_export(source_rows(db), out, fmt)
+    return dest
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _write_lines(path: Path, lines: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _submitted_seq(lines: list[dict]) -> int:
+    return next(line["seq"] for line in lines if line["type"] == "job.submitted")
+
+
+def test_a_log_the_engine_wrote_verifies(day_db: Path) -> None:
+    log = EventLog(day_db, readonly=True)
+    last = log.last_seq
+    log.close()
+    result = verify_file(day_db)
+    assert result.count == last > 50
+    assert (result.first_seq, result.last_seq) == (1, last)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_an_export_verifies_to_the_same_head_hash(day_db: Path, tmp_path: Path, fmt: str) -> None:
+    export = _export(day_db, tmp_path / f"audit.{fmt}", fmt)
+    assert verify_file(export) == verify_file(day_db)
+
+
+def test_changing_one_events_data_names_that_seq(day_db: Path, tmp_path: Path) -> None:
+    lines = _lines(_export(day_db, tmp_path / "audit.jsonl"))
+    seq = _submitted_seq(lines[10:])
+    lines[seq - 1]["data"]["metadata"]["run_name"] = "not what was submitted"
+    tampered = _write_lines(tmp_path / "tampered.jsonl", lines)
+    with pytest.raises(ChainBroken) as broken:
+        verify_file(tampered)
+    assert broken.value.seq == seq
+
+
+def test_a_changed_csv_cell_names_that_seq(day_db: Path, tmp_path: Path) -> None:
+    rows = list(csv.DictReader(io.StringIO(_export(day_db, tmp_path / "a.csv", "csv").read_text())))
+    target = rows[20]
+    target["actor"] = "user:1:root"  # blame someone else
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    (tmp_path / "b.csv").write_text(out.getvalue())
+    with pytest.raises(ChainBroken) as broken:
+        verify_file(tmp_path / "b.csv")
+    assert broken.value.seq == int(target["seq"])
+
+
+def test_a_deleted_line_names_the_missing_seq(day_db: Path, tmp_path: Path) -> None:
+    lines = _lines(_export(day_db, tmp_path / "audit.jsonl"))
+    del lines[30]
+    with pytest.raises(ChainBroken) as broken:
+        verify_file(_write_lines(tmp_path / "short.jsonl", lines))
+    assert broken.value.seq == 31
+    assert "missing" in str(broken.value)
+
+
+def test_an_edit_behind_the_triggers_back_is_found_in_the_database(
+    day_db: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "events.db"
+    backup_log(day_db, copy)
+    db = apsw.Connection(str(copy))  # an attacker with the file: drop the guard, edit a row
+    db.execute("DROP TRIGGER events_no_update")
+    db.execute("UPDATE events SET at = at + 3600 WHERE seq = 42")
+    db.close()
+    with pytest.raises(ChainBroken) as broken:
+        verify_file(copy)
+    assert broken.value.seq == 42
+
+
+def test_a_filtered_export_checks_the_links_it_holds(day_db: Path, tmp_path: Path) -> None:
+    lines = _lines(_export(day_db, tmp_path / "audit.jsonl"))
+    later = _write_lines(tmp_path / "later.jsonl", lines[40:])
+    result = verify_partial(later)
+    assert (result.count, result.trusted) == (len(lines) - 40, 1)
+    with pytest.raises(ChainBroken):
+        verify_file(later)  # as a whole chain it lacks its start
+    lines[50]["data"]["job_id"] = "job999"
+    with pytest.raises(ChainBroken) as broken:
+        verify_partial(_write_lines(tmp_path / "bad.jsonl", lines[40:]))
+    assert broken.value.seq == 51
+
+
+def test_a_malformed_line_is_named(tmp_path: Path, day_db: Path) -> None:
+    export = _export(day_db, tmp_path / "audit.jsonl")
+    text = export.read_text().splitlines()
+    text[3] = '{"seq": 4, "at": "soon"'
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(text) + "\n")
+    with pytest.raises(AuditError, match="line 4"):
+        verify_file(broken)
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_cli_verify_says_ok_for_a_database_and_an_export(day_db: Path, tmp_path: Path) -> None:
+    export = _export(day_db, tmp_path / "audit.jsonl")
+    for args in (["--db", str(day_db)], [str(export)]):
+        result = gpuyard("audit", "verify", *args)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("ok: ")
+        assert verify_file(day_db).head_hash in result.stdout
+
+
+def test_cli_verify_fails_with_one_line_naming_the_seq(day_db: Path, tmp_path: Path) -> None:
+    lines = _lines(_export(day_db, tmp_path / "audit.jsonl"))
+    seq = _submitted_seq(lines[5:])
+    lines[seq - 1]["data"]["priority"] = 30
+    tampered = _write_lines(tmp_path / "tampered.jsonl", lines)
+    line = one_error_line(gpuyard("audit", "verify", str(tampered)))
+    assert f"seq {seq}" in line
+
+
+def test_cli_export_from_a_database_file_then_verify(day_db: Path, tmp_path: Path) -> None:
+    out = tmp_path / "offline.csv"
+    result = gpuyard("audit", "export", "--db", str(day_db), "--format", "csv", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert gpuyard("audit", "verify", str(out)).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["audit", "verify"],  # neither a file nor --db
+        ["audit", "verify", "/nonexistent/audit.jsonl"],
+        ["audit", "verify", "--db", "/nonexistent/events.db"],
+        ["audit", "verify", "pyproject.toml"],  # not an export
+        ["audit", "export", "--db", "/nonexistent/events.db"],
+    ],
+)
+def test_cli_audit_errors_are_one_line(args: list[str]) -> None:
+    one_error_line(gpuyard(*args))

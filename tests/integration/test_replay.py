@@ -1,0 +1,266 @@
+"""The replay debugger over real logs: one the engine wrote, small ones built event by event,
+and the recorded fixtures in ``fixtures/``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_runner import gpuyard, one_error_line
+from recorded_day import record_busy_day
+from scenario import ALICE, BOB, SCHEDULER, World
+
+from events.log import EventLog
+from events.types import JobCompleted, JobDispatched
+from service.audit import read_records, source_rows
+from service.replay import (
+    ReplayError,
+    check,
+    explain_at,
+    moment_view,
+    parse_overrides,
+    replay_until,
+    what_if,
+)
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+FIXTURE_LOGS = sorted(FIXTURES.glob("*.jsonl"))
+
+
+def records(path: Path) -> list:
+    return list(read_records(source_rows(path)))
+
+
+def write_log(world: World, path: Path) -> Path:
+    log = EventLog(path)
+    log.append(world.records)
+    log.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def day_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return record_busy_day(tmp_path_factory.mktemp("replay") / "events.db")
+
+
+# ---------------------------------------------------------------- a point in time
+
+
+@pytest.fixture
+def small_log(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    """Two GPUs: alice's 2-GPU job runs, bob's 1-GPU job waits, then runs when hers ends."""
+    world = World(gpu_count=2, local_job_max_concurrent=2)
+    world.submit(ALICE, "a", now=100.0, num_processes=2)
+    world.schedule(100.0)
+    world.submit(BOB, "b", now=200.0, num_processes=1)
+    world.schedule(200.0)
+    marks = {"b_waiting": len(world.records)}
+    world.record([JobCompleted(job_id="a")], "system:executor", 900.0)
+    world.schedule(900.0)
+    marks["b_running"] = len(world.records)
+    return write_log(world, tmp_path / "small.db"), marks
+
+
+def test_until_seq_shows_the_queue_stats_and_gpus_then(small_log) -> None:
+    path, marks = small_log
+    view = moment_view(replay_until(records(path), until_seq=marks["b_waiting"]))
+    assert [(p["position"], p["job_id"]) for p in view["queue"]["pending"]] == [(1, "b")]
+    assert [(r["job_id"], r["gpus"]) for r in view["queue"]["running"]] == [("a", [0, 1])]
+    assert view["stats"]["queue_depth"] == 1 and view["stats"]["running"] == 1
+    assert view["gpu_allocation"]["allocated_gpus"] == [0, 1]
+    assert view["gpu_allocation"]["available_gpus"] == []
+    later = moment_view(replay_until(records(path)))
+    assert later["queue"]["pending"] == []
+    assert [(r["job_id"], r["gpus"]) for r in later["queue"]["running"]] == [("b", [0])]
+
+
+def test_until_time_and_explain_at_that_point(small_log) -> None:
+    path, _ = small_log
+    moment = replay_until(records(path), until_at=500.0)
+    assert moment.now == 500.0
+    explanation = explain_at(moment, "b")
+    assert (explanation.status, explanation.position) == ("pending", 1)
+    assert explanation.reasons[0].code == "gpus_busy"
+    assert explain_at(replay_until(records(path)), "b").reasons[0].code == "running"
+    with pytest.raises(ReplayError):
+        explain_at(moment, "nope")
+
+
+def test_cli_until_seq_json_and_tables(small_log) -> None:
+    path, marks = small_log
+    result = gpuyard("replay", "--db", str(path), "--until-seq", str(marks["b_waiting"]),
+                     "--format", "json")
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)
+    assert view["seq"] == marks["b_waiting"]
+    assert view["queue"]["pending"][0]["job_id"] == "b"
+    table = gpuyard("replay", "--db", str(path), "--until-seq", str(marks["b_waiting"]))
+    assert table.returncode == 0, table.stderr
+    for heading in ("pending (1)", "running (1)", "blocked (0)", "stats", "GPU allocation"):
+        assert heading in table.stdout
+    explained = gpuyard("replay", "--db", str(path), "--until", "1970-01-01T00:08:20Z",
+                        "--explain", "b")
+    assert explained.returncode == 0, explained.stderr
+    assert "gpus_busy" in explained.stdout
+
+
+# ---------------------------------------------------------------- --check
+
+
+def test_check_finds_no_difference_in_a_log_the_engine_wrote(day_db: Path) -> None:
+    report = check(records(day_db))
+    assert report.differences == []
+    dispatches = [r for r in records(day_db) if isinstance(r.event, JobDispatched)]
+    assert report.dispatches == len(dispatches) > 20
+    assert report.passes >= 10
+
+
+def test_check_reports_a_dispatch_the_scheduler_would_not_make(tmp_path: Path) -> None:
+    world = World(gpu_count=2, local_job_max_concurrent=2)
+    world.submit(ALICE, "first", now=10.0, num_processes=1)
+    world.submit(BOB, "second", now=11.0, num_processes=1)
+    # a pass that started the second job on GPU 1 and skipped the first one
+    world.record([JobDispatched(job_id="second", gpus=(1,))], SCHEDULER, 12.0)
+    report = check(records(write_log(world, tmp_path / "bad.db")))
+    differs = [d for d in report.differences if d.kind == "differs"]
+    assert len(differs) == 1
+    assert differs[0].seq == len(world.records)
+    assert [(d.job_id, d.gpus) for d in differs[0].recorded] == [("second", (1,))]
+    assert [(d.job_id, d.gpus) for d in differs[0].decided] == [("first", (0,)), ("second", (1,))]
+
+
+def test_check_reports_a_commit_after_which_a_pass_would_start_a_job(tmp_path: Path) -> None:
+    world = World(gpu_count=1)
+    world.submit(ALICE, "never", now=10.0, num_processes=1)  # and no pass ran
+    report = check(records(write_log(world, tmp_path / "missed.db")))
+    assert [(d.kind, [x.job_id for x in d.decided]) for d in report.differences] == [
+        ("missed", ["never"])
+    ]
+
+
+def test_cli_check_exit_status(day_db: Path, tmp_path: Path) -> None:
+    good = gpuyard("replay", "--db", str(day_db), "--check")
+    assert good.returncode == 0, good.stderr
+    assert "no differences" in good.stdout
+    world = World(gpu_count=2, local_job_max_concurrent=2)
+    world.submit(ALICE, "first", now=10.0, num_processes=1)
+    world.submit(BOB, "second", now=11.0, num_processes=1)
+    world.record([JobDispatched(job_id="second", gpus=(1,))], SCHEDULER, 12.0)
+    bad = gpuyard("replay", "--db", str(write_log(world, tmp_path / "bad.db")), "--check")
+    assert bad.returncode == 1
+    assert "second[1]" in bad.stdout and "first[0]" in bad.stdout
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("log", FIXTURE_LOGS, ids=[p.name for p in FIXTURE_LOGS])
+def test_check_finds_no_difference_in_the_recorded_fixtures(log: Path) -> None:
+    report = check(records(log))
+    assert report.events > 0
+    assert report.differences == [], report.differences[:5]
+
+
+# ---------------------------------------------------------------- --what-if
+
+
+def _all(report) -> tuple[float, float]:
+    row = report.rows[0]
+    assert row.group == "all"
+    return row.recorded.mean_seconds, row.what_if.mean_seconds
+
+
+def test_what_if_with_no_change_reproduces_what_happened(day_db: Path) -> None:
+    report = what_if(records(day_db), {})
+    for row in report.rows:
+        assert row.what_if == row.recorded, row.name
+    assert report.what_if_utilisation == report.recorded_utilisation
+    assert report.refused == {}
+
+
+def test_what_if_more_concurrency_shortens_the_waits(day_db: Path) -> None:
+    report = what_if(records(day_db), parse_overrides(["max_concurrent=4"]))
+    recorded, replayed = _all(report)
+    assert replayed < recorded
+    assert report.settings["max_concurrent"] == 4
+    assert report.what_if_utilisation.utilisation > report.recorded_utilisation.utilisation
+    assert {row.group for row in report.rows} == {"all", "user", "team"}
+    assert {row.name for row in report.rows if row.group == "team"} == {"alpha", "beta"}
+
+
+def test_what_if_less_concurrency_lengthens_the_waits(day_db: Path) -> None:
+    recorded, replayed = _all(what_if(records(day_db), {"max_concurrent": 1}))
+    assert replayed > recorded
+
+
+def test_what_if_counts_requests_the_new_settings_refuse(day_db: Path) -> None:
+    report = what_if(records(day_db), {"local_gpu_max_concurrent": 1})
+    assert report.refused.get("Submit", 0) > 0  # 2- and 4-GPU jobs could never start
+
+
+@pytest.mark.parametrize("bad", [["max_concurrent"], ["max_concurrent=0"], ["nope=1"],
+                                 ["max_concurrent=ten"], ["enable_fair_share=2"]])
+def test_what_if_settings_are_checked(bad: list[str]) -> None:
+    with pytest.raises(ReplayError):
+        parse_overrides(bad)
+
+
+def test_cli_what_if_side_by_side(day_db: Path) -> None:
+    result = gpuyard("replay", "--db", str(day_db), "--what-if", "max_concurrent=4",
+                     "user_max_concurrent=3", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["overrides"] == {"max_concurrent": 4, "user_max_concurrent": 3}
+    everyone = report["rows"][0]
+    assert everyone["what_if"]["mean_seconds"] < everyone["recorded"]["mean_seconds"]
+    table = gpuyard("replay", "--db", str(day_db), "--what-if", "max_concurrent=4")
+    assert "mean wait (recorded)" in table.stdout and "GPU utilisation" in table.stdout
+
+
+def _busy_fixture() -> Path | None:
+    return next((p for p in FIXTURE_LOGS if "busy" in p.name), None)
+
+
+@pytest.mark.skipif(_busy_fixture() is None, reason="the busy-day fixture is not recorded yet")
+def test_what_if_higher_max_concurrent_on_the_busy_day_fixture() -> None:
+    log = _busy_fixture()
+    assert log is not None
+    recorded = records(log)
+    limit = replay_until(recorded).state.settings.max_concurrent
+    report = what_if(recorded, {"max_concurrent": limit * 2})
+    before, after = _all(report)
+    assert after < before
+
+
+# ---------------------------------------------------------------- a broken log
+
+
+def test_replay_refuses_a_broken_chain_unless_told(day_db: Path, tmp_path: Path) -> None:
+    from service.audit import write_export
+
+    export = tmp_path / "day.jsonl"
+    with open(export, "wb") as out:
+        write_export(source_rows(day_db), out)
+    lines = [json.loads(line) for line in export.read_text().splitlines()]
+    lines[7]["at"] += 1.0
+    export.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    line = one_error_line(gpuyard("replay", "--db", str(export), "--check"))
+    assert "seq 8" in line
+    forced = gpuyard("replay", "--db", str(export), "--until-seq", "20", "--no-verify")
+    assert forced.returncode == 0, forced.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["replay"],  # no --db
+        ["replay", "--db", "/nonexistent.db"],
+        ["replay", "--db", "README.md"],
+        ["replay", "--db", "{db}", "--check", "--what-if", "max_concurrent=2"],
+        ["replay", "--db", "{db}", "max_concurrent=2"],
+        ["replay", "--db", "{db}", "--what-if", "max_concurrent=zero"],
+        ["replay", "--db", "{db}", "--explain", "nope"],
+        ["replay", "--db", "{db}", "--until", "yesterday-ish"],
+    ],
+)
+def test_cli_replay_errors_are_one_line(args: list[str], day_db: Path) -> None:
+    one_error_line(gpuyard(*[a.replace("{db}", str(day_db)) for a in args]))
