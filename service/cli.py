@@ -1,15 +1,119 @@
-"""The ``gpuyard`` command line (SPEC section 9)."""
+"""The ``gpuyard`` command line (SPEC section 9).
+
+The commands for jobs, the queue, users and the audit export talk to a server over HTTP
+(:mod:`service.client`); ``audit verify``, ``replay`` and ``backup`` work on files and
+need no server. Every failure is one line on stderr (``gpuyard: error: ...``) and a
+nonzero exit: 1 when something was refused or failed, 2 for a mistake on the command
+line. No traceback is shown for a user's error.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
 import click
+
+from service.client import DEFAULT_URL, Client, ClientError
 
 __all__ = ["main", "cli"]
 
+STATUSES = ("pending", "queued", "running", "blocked", "completed", "failed", "cancelled",
+            "rejected")
+TERMINAL = ("completed", "failed", "cancelled", "rejected")
+DEFAULT_COLUMNS = ("job_id", "status", "user_id", "config_name", "effective_priority",
+                   "position", "allocated_gpus", "queued_at", "started_at")
+FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+                      show_default=True, help="table for people, json for programs.")
 
-@click.group()
-def cli() -> None:
+
+class Failure(click.ClickException):
+    """A user's error: shown as one line on stderr, exit status 1."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    try:
+        sys.stderr.write(f"gpuyard: error: {_one_line(message)}\n")
+        sys.stderr.flush()
+    finally:
+        sys.exit(code)
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning every user error into one stderr line."""
+    try:
+        result = cli.main(prog_name="gpuyard", standalone_mode=False)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "gpuyard"
+        _fail(f"{exc.format_message()} (see `{where} --help`)", 2)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except ClientError as exc:
+        _fail(str(exc), 1)
+    except click.exceptions.Abort:
+        _fail("aborted", 1)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except BrokenPipeError:
+        # the reader went away (`gpuyard ... | head`): not an error worth a word
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+# ---------------------------------------------------------------- the root group
+
+
+class _Connection:
+    """Where the server is and who we are; the client is made on first use."""
+
+    def __init__(self, server: str, token: str | None, timeout: float) -> None:
+        self.server = server
+        self.token = token or None
+        self.timeout = timeout
+        self._client: Client | None = None
+
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.server, self.token, self.timeout)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--server", envvar="GPUYARD_URL", default=DEFAULT_URL, show_default=True,
+              help="The gpuyard server (also GPUYARD_URL).")
+@click.option("--token", envvar="GPUYARD_TOKEN", default=None,
+              help="Bearer token, once users exist (also GPUYARD_TOKEN).")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds to wait for the server.")
+@click.pass_context
+def cli(ctx: click.Context, server: str, token: str | None, timeout: float) -> None:
     """gpuyard: a job queue for GPU training jobs."""
+    connection = _Connection(server, token, timeout)
+    ctx.obj = connection
+    ctx.call_on_close(connection.close)
+
+
+def _api(ctx: click.Context) -> Client:
+    connection = ctx.find_object(_Connection)
+    assert connection is not None
+    return connection.client()
 
 
 @cli.command()
@@ -26,5 +130,831 @@ def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
     run_server(host=host, port=port, data_dir=data_dir, gpus=gpus)
 
 
-def main() -> None:
-    cli()
+# ---------------------------------------------------------------- shared helpers
+
+
+def _out() -> Any:
+    from service.cli_tables import console
+
+    return console()
+
+
+def _json(value: Any) -> None:
+    from service.cli_tables import print_json
+
+    print_json(value)
+
+
+def _parse_device_ids(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part != ""]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of GPU indices "
+                                 "such as 0,1", param_hint="--device-ids") from None
+    if not ids or any(index < 0 for index in ids):
+        raise click.BadParameter(f"{text!r} must name GPU indices of 0 or more, such as 0,1",
+                                 param_hint="--device-ids")
+    return ids
+
+
+def _parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--label")
+        labels[key.strip()] = value
+    return labels
+
+
+def _gpus(value: Any) -> str:
+    return ", ".join(str(index) for index in value) if value else "none"
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@cli.group()
+def jobs() -> None:
+    """Submit, list, follow and manage jobs."""
+
+
+@jobs.command("submit")
+@click.argument("config")
+@click.option("--no-wait", is_flag=True, help="Start now or not at all: never queue.")
+@click.option("--any-gpu", is_flag=True, help="Any free GPUs, not the config's device_ids.")
+@click.option("--dry-run", is_flag=True, help="Say whether it would start now; submit nothing.")
+@click.option("--target", type=click.Choice(["auto", "local", "worker", "cloud"]),
+              default="auto", show_default=True, help="Where the job runs.")
+@click.option("--num-processes", type=click.IntRange(min=0), default=None,
+              help="GPUs needed (overrides the config; 0 = CPU only).")
+@click.option("--device-ids", default=None, help="GPU indices, e.g. 0,1 (overrides the config).")
+@click.option("--requires-approval", is_flag=True, help="Hold the job until an admin approves.")
+@click.option("--estimated-cost", type=click.FloatRange(min=0), default=None,
+              help="Estimated cost (drives approval rules).")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Metadata for the job (repeatable), e.g. --label run_name=lr-sweep-3.")
+@click.option("--max-attempts", type=click.IntRange(min=1, max=100), default=None,
+              help="Attempts after infrastructure failures (default 3).")
+@click.option("--idempotency-key", default=None, help="Submitting twice with it makes one job.")
+@FORMAT
+@click.pass_context
+def jobs_submit(ctx: click.Context, config: str, no_wait: bool, any_gpu: bool, dry_run: bool,
+                target: str, num_processes: int | None, device_ids: str | None,
+                requires_approval: bool, estimated_cost: float | None, labels: tuple[str, ...],
+                max_attempts: int | None, idempotency_key: str | None, fmt: str) -> int:
+    """Submit a job that runs CONFIG (a config name on the server)."""
+    body: dict[str, Any] = {"config_name": config, "target": target}
+    ids = _parse_device_ids(device_ids)
+    for key, value in (("num_processes", num_processes), ("device_ids", ids),
+                       ("estimated_cost", estimated_cost), ("max_attempts", max_attempts),
+                       ("idempotency_key", idempotency_key)):
+        if value is not None:
+            body[key] = value
+    for key, flag in (("no_wait", no_wait), ("any_gpu", any_gpu), ("dry_run", dry_run),
+                      ("requires_approval", requires_approval)):
+        if flag:
+            body[key] = True
+    if labels:
+        body["metadata"] = _parse_labels(labels)
+    answer = _api(ctx).post("/api/queue/submit", body)
+    status = answer.get("status")
+    reason = answer.get("reason")
+    because = f": {reason}" if reason else ""
+    if fmt == "json":
+        _json(answer)
+        if status == "rejected" and not dry_run:
+            raise Failure(f"{config} was not submitted: it cannot start now and --no-wait "
+                          f"was given{because}")
+        return 0
+    if dry_run:
+        if status == "running":
+            click.echo(f"dry run: {config} would start now on GPUs "
+                       f"{_gpus(answer.get('allocated_gpus'))}")
+        elif status == "queued":
+            where = answer.get("queue_position")
+            at = f" at position {where}" if where else ""
+            click.echo(f"dry run: {config} would not start now; it would be queued{at}{because}")
+        elif status == "blocked":
+            click.echo(f"dry run: {config} would wait for an admin's approval{because}")
+        else:
+            click.echo(f"dry run: {config} would be {status}{because}")
+        click.echo("nothing was submitted")
+        return 0
+    job_id = answer.get("job_id")
+    if status == "rejected":
+        raise Failure(f"{config} was not submitted: it cannot start now and --no-wait was "
+                      f"given{because}")
+    if status == "running":
+        click.echo(f"job {job_id}: running on GPUs {_gpus(answer.get('allocated_gpus'))}")
+    elif status == "queued":
+        click.echo(f"job {job_id}: queued at position {answer.get('queue_position')}")
+    elif status == "blocked":
+        click.echo(f"job {job_id}: blocked until an admin approves it{because}")
+    else:
+        click.echo(f"job {job_id}: {status}")
+    return 0
+
+
+@jobs.command("list")
+@click.option("-o", "--output", "fields", default=None, metavar="FIELDS",
+              help="Comma-separated fields; dots reach into nested ones: "
+                   "job_id,status,metadata.run_name")
+@FORMAT
+@click.option("--status", type=click.Choice(STATUSES), default=None,
+              help="Only jobs in this status (queued = pending).")
+@click.option("-l", "--limit", type=click.IntRange(1, 500), default=50, show_default=True,
+              help="At most this many jobs.")
+@click.option("--user", "user_id", type=int, default=None, help="Only this user's jobs.")
+@click.option("--active", is_flag=True, help="Hide finished jobs.")
+@click.pass_context
+def jobs_list(ctx: click.Context, fields: str | None, fmt: str, status: str | None,
+              limit: int, user_id: int | None, active: bool) -> None:
+    """List jobs: pending ones in queue order first, then the rest, newest first."""
+    from service.cli_tables import pick, table
+
+    if status == "queued":
+        status = "pending"
+    answer = _api(ctx).get("/api/queue", status=status, limit=limit, user_id=user_id,
+                           include_completed="false" if active else "true")
+    entries = answer.get("entries", [])
+    columns = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
+    if fields is not None and not columns:
+        raise click.BadParameter("give at least one field", param_hint="-o")
+    if fmt == "json":
+        if columns is None:
+            _json(entries)
+        else:
+            _json([{column: pick(entry, column) for column in columns} for entry in entries])
+        return
+    shown = columns or list(DEFAULT_COLUMNS)
+    title = (f"{len(entries)} jobs (pending {answer.get('total_pending', 0)}, running "
+             f"{answer.get('total_running', 0)}, blocked {answer.get('total_blocked', 0)})")
+    _out().print(table(entries, shown, title=title))
+
+
+def _cancel_line(job_id: str, status: str | None) -> str:
+    if status == "running":
+        return f"job {job_id}: stopping (SIGTERM, then SIGKILL after the grace period)"
+    return f"job {job_id}: cancelled"
+
+
+@jobs.command("cancel")
+@click.argument("job_ids", nargs=-1)
+@click.option("--all", "all_jobs", is_flag=True,
+              help="Cancel every unfinished job you may cancel (every job for leads/admins).")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask before --all on a terminal.")
+@click.pass_context
+def jobs_cancel(ctx: click.Context, job_ids: tuple[str, ...], all_jobs: bool, yes: bool) -> None:
+    """Cancel JOB... (one atomic step), or --all."""
+    if all_jobs and job_ids:
+        raise click.UsageError("give job ids or --all, not both")
+    if not all_jobs and not job_ids:
+        raise click.UsageError("give the job ids to cancel, or --all")
+    api = _api(ctx)
+    if all_jobs:
+        if not yes and sys.stdin.isatty() and sys.stdout.isatty():
+            click.confirm("cancel every unfinished job you may cancel?", abort=True)
+        answer = api.post("/api/queue/cancel", {"all": True})
+        cancelled = answer.get("cancelled", [])
+        click.echo(f"cancelled {len(cancelled)} jobs" + (f": {', '.join(cancelled)}"
+                                                         if cancelled else ""))
+        return
+    if len(job_ids) == 1:
+        answer = api.post(f"/api/queue/{job_ids[0]}/cancel")
+        click.echo(_cancel_line(job_ids[0], answer.get("status")))
+        return
+    answer = api.post("/api/queue/cancel", {"job_ids": list(job_ids)})
+    for job_id in answer.get("cancelled", []):
+        click.echo(f"job {job_id}: cancel requested")
+
+
+@jobs.command("status")
+@FORMAT
+@click.pass_context
+def jobs_status(ctx: click.Context, fmt: str) -> None:
+    """Queue statistics: depth, running jobs, limits, waits, local GPUs."""
+    from service.cli_tables import duration, key_values
+
+    answer = _api(ctx).get("/api/queue/stats")
+    if fmt == "json":
+        _json(answer)
+        return
+    local = answer.get("local", {})
+    pairs = [
+        ("queued", answer.get("queue_depth")),
+        ("running", answer.get("running")),
+        ("blocked", answer.get("blocked")),
+        ("avg wait (24 h)", duration(answer.get("avg_wait_seconds"))),
+        ("max_concurrent", answer.get("max_concurrent")),
+        ("user_max_concurrent", answer.get("user_max_concurrent")),
+        ("team_max_concurrent", answer.get("team_max_concurrent")),
+        ("enable_fair_share", answer.get("enable_fair_share")),
+        ("local_job_max_concurrent", answer.get("local_job_max_concurrent")),
+        ("local_gpu_max_concurrent", answer.get("local_gpu_max_concurrent") or "unlimited"),
+        ("local running jobs", local.get("running_jobs")),
+        ("local allocated GPUs", local.get("allocated_gpus")),
+        ("local available GPUs", local.get("available_gpus")),
+        ("local total GPUs", local.get("total_gpus")),
+        ("by status", answer.get("by_status")),
+        ("by user (pending+running)", answer.get("by_user")),
+    ]
+    _out().print(key_values(pairs, title="queue"))
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@FORMAT
+@click.pass_context
+def jobs_show(ctx: click.Context, job_id: str, fmt: str) -> None:
+    """One job's queue entry."""
+    from service.cli_tables import key_values
+
+    answer = _api(ctx).get(f"/api/queue/{job_id}")
+    if fmt == "json":
+        _json(answer)
+        return
+    _out().print(key_values(answer.items(), title=f"job {job_id}"))
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing output until the job ends.")
+@click.option("--tail", type=click.IntRange(min=1), default=None,
+              help="Only the last N lines (at the start, with -f).")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="Seconds between polls with -f.")
+@click.pass_context
+def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
+              interval: float) -> None:
+    """A job's combined stdout and stderr."""
+    api = _api(ctx)
+    path = f"/api/queue/{job_id}/logs"
+    if not follow:
+        _write(api.text(path, tail=tail))
+        return
+    printed = 0
+    first = True
+    while True:
+        # read the status first: output written before the job ended is then all there
+        entry = api.get(f"/api/queue/{job_id}")
+        text = api.text(path)
+        if first and tail is not None:
+            lines = text.splitlines(keepends=True)
+            printed = len(text) - len("".join(lines[-tail:]))
+        first = False
+        if len(text) < printed:  # the log was replaced (a re-queued attempt): start over
+            printed = 0
+        _write(text[printed:])
+        printed = len(text)
+        if entry.get("status") in TERMINAL:
+            detail = entry.get("status")
+            if entry.get("exit_code") is not None:
+                detail += f", exit code {entry['exit_code']}"
+            click.echo(f"gpuyard: job {job_id} ended: {detail}", err=True)
+            return
+        time.sleep(interval)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _print_explanation(answer: dict[str, Any]) -> None:
+    job_id, status, position = answer.get("job_id"), answer.get("status"), answer.get("position")
+    where = f" at position {position}" if position else ""
+    click.echo(f"job {job_id} is {status}{where}")
+    for reason in answer.get("reasons", []):
+        click.echo(f"  {reason.get('code')}: {reason.get('detail')}")
+
+
+@jobs.command("explain")
+@click.argument("job_id")
+@FORMAT
+@click.pass_context
+def jobs_explain(ctx: click.Context, job_id: str, fmt: str) -> None:
+    """Why JOB is not running now."""
+    answer = _api(ctx).get(f"/api/queue/{job_id}/explain")
+    if fmt == "json":
+        _json(answer)
+    else:
+        _print_explanation(answer)
+
+
+@jobs.command("approve")
+@click.argument("job_id")
+@click.pass_context
+def jobs_approve(ctx: click.Context, job_id: str) -> None:
+    """Approve a blocked job (admin)."""
+    answer = _api(ctx).post(f"/api/queue/{job_id}/approve")
+    click.echo(f"job {job_id}: approved, now {answer.get('status', 'pending')}")
+
+
+@jobs.command("reject")
+@click.argument("job_id")
+@click.option("--reason", default=None, help="Why (stored as the job's error_message).")
+@click.pass_context
+def jobs_reject(ctx: click.Context, job_id: str, reason: str | None) -> None:
+    """Reject a blocked job (admin)."""
+    _api(ctx).post(f"/api/queue/{job_id}/reject", reason=reason)
+    click.echo(f"job {job_id}: rejected" + (f" ({reason})" if reason else ""))
+
+
+@jobs.command("priority")
+@click.argument("job_id")
+@click.argument("priority")
+@click.pass_context
+def jobs_priority(ctx: click.Context, job_id: str, priority: str) -> None:
+    """Override JOB's priority with PRIORITY (0-100), or `none` to clear it (lead/admin)."""
+    value: int | None
+    if priority.lower() in ("none", "null", "clear", "reset"):
+        value = None
+    else:
+        try:
+            value = int(priority)
+        except ValueError:
+            raise click.BadParameter(f"{priority!r} is not 0-100 or none",
+                                     param_hint="PRIORITY") from None
+    answer = _api(ctx).post(f"/api/queue/{job_id}/priority", {"priority": value})
+    position = answer.get("position")
+    where = f", position {position}" if position else ""
+    click.echo(f"job {job_id}: priority {answer.get('effective_priority')}"
+               f" (override {answer.get('priority_override', value)}){where}")
+
+
+# ---------------------------------------------------------------- queue
+
+
+@cli.group()
+def queue() -> None:
+    """Queue limits and maintenance."""
+
+
+_LIMIT_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("max_concurrent", "--max-concurrent", click.IntRange(min=1), "Jobs running at once."),
+    ("user_max_concurrent", "--user-max-concurrent", click.IntRange(min=1), "Per user."),
+    ("team_max_concurrent", "--team-max-concurrent", click.IntRange(min=1), "Per team."),
+    ("local_job_max_concurrent", "--local-job-max-concurrent", click.IntRange(min=1),
+     "Local jobs running at once."),
+    ("local_gpu_max_concurrent", "--local-gpu-max-concurrent", str,
+     "GPUs local jobs may hold at once, or `none` for unlimited."),
+    ("starvation_threshold_minutes", "--starvation-threshold-minutes",
+     click.FloatRange(min=0, min_open=True), "Minutes of waiting per aging step."),
+    ("starvation_boost", "--starvation-boost", click.IntRange(min=0), "Priority per step."),
+    ("approval_cost_threshold", "--approval-cost-threshold", click.FloatRange(min=0),
+     "Jobs costing more wait for approval."),
+    ("approval_timeout_hours", "--approval-timeout-hours", click.FloatRange(min=0, min_open=True),
+     "Blocked jobs older than this are rejected."),
+    ("cancel_grace_seconds", "--cancel-grace-seconds", click.FloatRange(min=0, max=3600),
+     "Seconds between SIGTERM and SIGKILL."),
+]
+
+
+def _limit_options(func: Any) -> Any:
+    for name, flag, kind, text in reversed(_LIMIT_OPTIONS):
+        func = click.option(flag, name, type=kind, default=None, help=text)(func)
+    return click.option("--fair-share/--no-fair-share", "enable_fair_share", default=None,
+                        help="Per-team limits on or off.")(func)
+
+
+@queue.command("limits")
+@_limit_options
+@FORMAT
+@click.pass_context
+def queue_limits(ctx: click.Context, fmt: str, **changes: Any) -> None:
+    """Show the queue settings, or change the ones given."""
+    from service.cli_tables import key_values
+
+    body = {name: value for name, value in changes.items() if value is not None}
+    gpu_limit = body.get("local_gpu_max_concurrent")
+    if gpu_limit is not None:
+        if gpu_limit.lower() in ("none", "null", "unlimited"):
+            body["local_gpu_max_concurrent"] = None
+        else:
+            try:
+                body["local_gpu_max_concurrent"] = int(gpu_limit)
+            except ValueError:
+                raise click.BadParameter(f"{gpu_limit!r} is not a whole number or none",
+                                         param_hint="--local-gpu-max-concurrent") from None
+    api = _api(ctx)
+    answer = api.post("/api/queue/concurrency", body) if body else api.get(
+        "/api/queue/concurrency")
+    if fmt == "json":
+        _json(answer)
+        return
+    title = "queue settings (changed)" if body else "queue settings"
+    _out().print(key_values(answer.items(), title=title))
+
+
+@queue.command("process")
+@click.pass_context
+def queue_process(ctx: click.Context) -> None:
+    """Run one scheduling pass now (admin)."""
+    answer = _api(ctx).post("/api/queue/process")
+    started = answer.get("job_ids", [])
+    click.echo(f"dispatched {answer.get('dispatched', len(started))} jobs"
+               + (f": {', '.join(started)}" if started else ""))
+
+
+@queue.command("cleanup")
+@click.option("--days", type=click.IntRange(1, 365), default=30, show_default=True,
+              help="Remove finished entries older than this.")
+@click.pass_context
+def queue_cleanup(ctx: click.Context, days: int) -> None:
+    """Remove old finished entries from the queue view (the log keeps them; admin)."""
+    answer = _api(ctx).post("/api/queue/cleanup", days=days)
+    click.echo(f"removed {answer.get('deleted')} finished entries older than {days} days "
+               "from the queue view (the audit log keeps every event)")
+
+
+# ---------------------------------------------------------------- users
+
+
+@cli.group()
+def users() -> None:
+    """Users and their tokens (admin)."""
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--level", type=click.Choice(["admin", "lead", "researcher", "viewer"]),
+              required=True, help="What the user may do, and their jobs' base priority.")
+@click.option("--team", "team_id", default=None, help="Team, for per-team limits.")
+@FORMAT
+@click.pass_context
+def users_add(ctx: click.Context, name: str, level: str, team_id: str | None, fmt: str) -> None:
+    """Create a user; their token is shown this once."""
+    body: dict[str, Any] = {"name": name, "level": level}
+    if team_id:
+        body["team_id"] = team_id
+    answer = _api(ctx).post("/api/users", body)
+    if fmt == "json":
+        _json(answer)
+        return
+    team = f", team {answer.get('team_id')}" if answer.get("team_id") else ""
+    click.echo(f"created user {answer.get('user_id')}: {answer.get('name')} "
+               f"({answer.get('level')}{team})")
+    click.echo(f"token (shown once, keep it): {answer.get('token')}")
+
+
+@users.command("list")
+@FORMAT
+@click.pass_context
+def users_list(ctx: click.Context, fmt: str) -> None:
+    """Every user (tokens are never listed, only their ids)."""
+    from service.cli_tables import table
+
+    answer = _api(ctx).get("/api/users")
+    if fmt == "json":
+        _json(answer)
+        return
+    rows = [dict(user, tokens=[t.get("token_id") for t in user.get("tokens", [])])
+            for user in answer.get("users", [])]
+    title = "users" + (" (single-user mode: no users yet)" if answer.get("single_user_mode")
+                       else "")
+    _out().print(table(rows, ["user_id", "name", "level", "team_id", "tokens"], title=title))
+
+
+@users.command("token")
+@click.argument("user_id", type=int)
+@click.option("--revoke", "token_id", default=None, metavar="TOKEN_ID",
+              help="Revoke this token instead of issuing a new one.")
+@click.pass_context
+def users_token(ctx: click.Context, user_id: int, token_id: str | None) -> None:
+    """Issue a new token for USER_ID (shown once), or --revoke one."""
+    api = _api(ctx)
+    if token_id is not None:
+        api.delete(f"/api/users/{user_id}/tokens/{token_id}")
+        click.echo(f"revoked token {token_id} of user {user_id}")
+        return
+    answer = api.post(f"/api/users/{user_id}/tokens")
+    click.echo(f"token {answer.get('token_id')} for user {user_id} (shown once, keep it):")
+    click.echo(str(answer.get("token")))
+
+
+# ---------------------------------------------------------------- audit
+
+
+@cli.group()
+def audit() -> None:
+    """The audit trail: export it, prove it."""
+
+
+def _timestamp(text: str | None, option: str) -> float | None:
+    """ISO 8601 (``2026-01-31``, ``2026-01-31T12:00:00Z``) or epoch seconds."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an ISO 8601 time or epoch seconds",
+                                 param_hint=option) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+@contextmanager
+def _output_file(path: str | None) -> Iterator[Any]:
+    """stdout, or a file that appears only once it is whole (a temp file, renamed)."""
+    if path is None or path == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise Failure(f"cannot write {path}: no such directory {target.parent}")
+    handle = tempfile.NamedTemporaryFile("wb", dir=target.parent, prefix=f".{target.name}.",
+                                         delete=False)
+    try:
+        with handle:
+            yield handle
+        os.replace(handle.name, target)
+    except BaseException:
+        os.unlink(handle.name)
+        raise
+
+
+@audit.command("export")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
+              show_default=True)
+@click.option("--since", default=None, help="Events at or after this time (ISO 8601 or epoch).")
+@click.option("--until", default=None, help="Events at or before this time.")
+@click.option("--after-seq", type=click.IntRange(min=0), default=None,
+              help="Events after this seq (to continue an earlier export).")
+@click.option("--job", "job_id", default=None, help="Only this job's events.")
+@click.option("--user", "user_id", type=int, default=None, help="Only this user's events.")
+@click.option("--type", "event_type", default=None, help="Only events of this type, e.g. "
+              "job.dispatched.")
+@click.option("-o", "--output", default=None, help="Write to this file (default stdout).")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+              help="Export a local events.db instead of asking the server (whole log only).")
+@click.pass_context
+def audit_export(ctx: click.Context, fmt: str, since: str | None, until: str | None,
+                 after_seq: int | None, job_id: str | None, user_id: int | None,
+                 event_type: str | None, output: str | None, db_path: str | None) -> None:
+    """Stream the audit log (every event, filtered) as JSONL or CSV."""
+    if db_path is not None:
+        from service.audit import source_rows, write_export
+
+        if any(v is not None for v in (since, until, after_seq, job_id, user_id, event_type)):
+            raise click.UsageError("--db exports the whole log; filters need the server")
+        with _output_file(output) as out:
+            count = _guard_files(lambda: write_export(source_rows(db_path), out, fmt))
+        if output not in (None, "-"):
+            click.echo(f"exported {count} events to {output}", err=True)
+        return
+    params = {
+        "format": fmt,
+        "since": _iso(_timestamp(since, "--since")),
+        "until": _iso(_timestamp(until, "--until")),
+        "after_seq": after_seq,
+        "job_id": job_id,
+        "user_id": user_id,
+        "type": event_type,
+    }
+    lines = 0
+    with _api(ctx).stream("/api/audit/export", **params) as chunks, _output_file(output) as out:
+        for chunk in chunks:
+            out.write(chunk)
+            lines += chunk.count(b"\n")
+    if output not in (None, "-"):
+        events = lines - 1 if fmt == "csv" and lines else lines
+        click.echo(f"exported {events} events to {output}", err=True)
+
+
+def _guard_files(action: Any) -> Any:
+    """Run ``action``, turning a log or export that cannot be read into one error line."""
+    from service.audit import AuditError, ChainBroken, LogError
+
+    try:
+        return action()
+    except ChainBroken:
+        raise
+    except (AuditError, LogError) as exc:
+        raise Failure(str(exc)) from None
+    except OSError as exc:
+        raise Failure(f"{exc.filename or 'file'}: {exc.strerror or exc}") from None
+
+
+@audit.command("verify")
+@click.argument("export", required=False, type=click.Path(dir_okay=False))
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+              help="An events.db file (a copy or a backup) instead of an export.")
+@click.option("--partial", is_flag=True,
+              help="A filtered export: check every link it holds, trust the lines whose "
+                   "predecessor it lacks.")
+def audit_verify(export: str | None, db_path: str | None, partial: bool) -> None:
+    """Check the hash chain of an export (JSONL or CSV) or of a database file."""
+    from service.audit import ChainBroken, verify_file, verify_partial
+
+    if (export is None) == (db_path is None):
+        raise click.UsageError("give an EXPORT file or --db FILE (one of them)")
+    path = db_path or export
+    assert path is not None
+    try:
+        result = _guard_files(lambda: (verify_partial if partial else verify_file)(path))
+    except ChainBroken as exc:
+        raise Failure(f"{path}: {exc} (the first bad event is seq {exc.seq})") from None
+    if result.count == 0:
+        click.echo(f"ok: {path} holds no events")
+        return
+    trusted = f", {result.trusted} taken on trust" if partial and result.trusted else ""
+    click.echo(f"ok: {result.count} events, seq {result.first_seq}..{result.last_seq}, hash "
+               f"chain intact{trusted}; head hash {result.head_hash}")
+
+
+# ---------------------------------------------------------------- backup
+
+
+@cli.command()
+@click.argument("dest", type=click.Path(dir_okay=False))
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+              help="The log to copy (default: events.db in the data directory).")
+@click.option("--data-dir", envvar="GPUYARD_DATA_DIR", default=None,
+              help="Data directory (default: GPUYARD_DATA_DIR, else ~/.gpuyard).")
+@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+def backup(dest: str, db_path: str | None, data_dir: str | None, force: bool) -> None:
+    """A consistent copy of the log while the server runs, verified after copying."""
+    from service.audit import ChainBroken, backup_log
+    from service.runtime import resolve_data_dir
+
+    source = Path(db_path) if db_path else resolve_data_dir(data_dir) / "events.db"
+    if not source.is_file():
+        raise Failure(f"no event log at {source}")
+    target = Path(dest)
+    if target.exists() and not force:
+        raise Failure(f"{dest} exists; give --force to replace it")
+    try:
+        result = _guard_files(lambda: backup_log(source, target))
+    except ChainBroken as exc:
+        raise Failure(f"the copy in {dest} does not verify: {exc}") from None
+    click.echo(f"backed up {result.count} events (seq 1..{result.last_seq}) from {source} to "
+               f"{dest}; hash chain verified, head hash {result.head_hash}")
+
+
+# ---------------------------------------------------------------- replay
+
+
+class _Bar:
+    """The replay's progress as a rich bar on stderr (only on a terminal)."""
+
+    def __init__(self) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                                   TextColumn, TimeElapsedColumn)
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
+                                 console=_stderr_console())
+        self.task: Any = None
+        self.pending = 0
+
+    def phase(self, name: str, total: int | None) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, advance=self.pending, visible=False)
+        self.pending = 0
+        self.task = self.progress.add_task(name, total=total)
+
+    def advance(self, count: int = 1) -> None:
+        self.pending += count
+        if self.pending >= 500:
+            self.progress.update(self.task, advance=self.pending)
+            self.pending = 0
+
+
+def _stderr_console() -> Any:
+    from service.cli_tables import console
+
+    return console(stderr=True)
+
+
+@contextmanager
+def _progress(total: int | None, name: str) -> Iterator[Any]:
+    if not sys.stderr.isatty():
+        yield None
+        return
+    bar = _Bar()
+    with bar.progress:
+        bar.phase(name, total)
+        yield bar
+
+
+def _log_size(path: str) -> int | None:
+    from events.log import EventLog
+    from service.audit import is_sqlite
+
+    if not is_sqlite(path):
+        return None
+    log = EventLog(path, readonly=True)
+    try:
+        return log.last_seq
+    finally:
+        log.close()
+
+
+@cli.command()
+@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False),
+              help="An events.db (opened read-only; use a copy of production) or an export.")
+@click.option("--until-seq", type=click.IntRange(min=0), default=None,
+              help="Replay up to and including this seq.")
+@click.option("--until", "until", default=None,
+              help="Replay up to this time (ISO 8601 or epoch seconds).")
+@click.option("--explain", "explain_job", default=None, metavar="JOB",
+              help="Why JOB was not running at that point.")
+@click.option("--check", is_flag=True,
+              help="Re-run the scheduler at every recorded dispatch; report differences.")
+@click.option("--what-if", "what_if", multiple=True, metavar="KEY=VALUE",
+              help="Replay the recorded inputs under other settings, e.g. "
+                   "--what-if max_concurrent=10 user_max_concurrent=3.")
+@click.argument("more_settings", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--no-verify", is_flag=True, help="Skip checking the hash chain while reading.")
+@FORMAT
+def replay(db_path: str, until_seq: int | None, until: str | None, explain_job: str | None,
+           check: bool, what_if: tuple[str, ...], more_settings: tuple[str, ...],
+           no_verify: bool, fmt: str) -> int:
+    """The replay debugger: the queue as it was, and what the scheduler would do."""
+    from service import replay as debugger
+    from service.audit import ChainBroken, read_records, source_rows
+
+    if more_settings and not what_if:
+        raise click.UsageError(f"unexpected {more_settings[0]!r}: settings go with --what-if")
+    modes = [name for name, on in (("--check", check), ("--what-if", bool(what_if)),
+                                   ("--explain", explain_job is not None)) if on]
+    if len(modes) > 1:
+        raise click.UsageError(f"{' and '.join(modes)} cannot be combined; pick one")
+    until_at = _timestamp(until, "--until")
+    overrides: dict[str, Any] = {}
+    if what_if:
+        try:
+            overrides = debugger.parse_overrides([*what_if, *more_settings])
+        except debugger.ReplayError as exc:
+            raise click.BadParameter(str(exc), param_hint="--what-if") from None
+
+    def records() -> Iterator[Any]:
+        stream = read_records(source_rows(db_path), verify=not no_verify)
+        for recorded in stream:
+            if until_seq is not None and recorded.seq > until_seq:
+                return
+            if until_at is not None and recorded.at > until_at:
+                return
+            yield recorded
+
+    def run() -> Any:
+        total = _log_size(db_path)
+        if until_seq is not None and total is not None:
+            total = min(total, until_seq)
+        if check:
+            with _progress(total, "checking") as bar:
+                return debugger.check(records(), bar)
+        if what_if:
+            with _progress(total, "reading") as bar:
+                return debugger.what_if(records(), overrides, bar)
+        with _progress(total, "replaying") as bar:
+            return debugger.replay_until(records(), progress=bar, until_at=until_at)
+
+    try:
+        result = _guard_files(run)
+    except ChainBroken as exc:
+        raise Failure(f"{db_path}: {exc}; replay stops here (verify with `gpuyard audit "
+                      "verify`, or give --no-verify to replay it anyway)") from None
+
+    from service import replay_output
+
+    if check:
+        replay_output.show_check(result, fmt)
+        if result.differences:
+            click.echo(f"gpuyard: {len(result.differences)} scheduling decisions differ from "
+                       "the recorded ones", err=True)
+            return 1
+        return 0
+    if what_if:
+        replay_output.show_what_if(result, fmt)
+        return 0
+    if explain_job is not None:
+        try:
+            explanation = debugger.explain_at(result, explain_job)
+        except debugger.ReplayError as exc:
+            raise Failure(str(exc)) from None
+        replay_output.show_explanation(result, explanation, fmt)
+        return 0
+    if until_seq is not None and result.seq < until_seq:
+        click.echo(f"gpuyard: the log ends at seq {result.seq}", err=True)
+    replay_output.show_moment(result, fmt)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

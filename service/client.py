@@ -1,0 +1,121 @@
+"""A small HTTP client for the gpuyard API (SPEC section 7), used by the CLI.
+
+Every failure becomes one :class:`ClientError` whose message is a single line a person
+can act on: the server is not reachable, the token is refused (401), the job does not
+exist (404), or the server's own ``detail`` for any other refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+__all__ = ["DEFAULT_URL", "Client", "ClientError"]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ClientError(Exception):
+    """A request that failed; ``status`` is the HTTP status, or ``None`` if none came back."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(" ".join(message.split()))
+        self.status = status
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("detail"):
+        return str(body["detail"])
+    text = response.text.strip()
+    return text[:200] if text else response.reason_phrase
+
+
+class Client:
+    """Talks to one server as one token holder (or as nobody, in single-user mode)."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, token: str | None = None,
+                 timeout: float = 30.0) -> None:
+        if "://" not in base_url:
+            base_url = f"http://{base_url}"
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        except (ValueError, httpx.InvalidURL) as exc:
+            raise ClientError(f"bad server URL {base_url!r}: {exc}") from exc
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _failed(self, exc: httpx.HTTPError) -> ClientError:
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return ClientError(f"cannot reach the gpuyard server at {self.base_url} "
+                               "(is `gpuyard serve` running? set --server or GPUYARD_URL)")
+        if isinstance(exc, httpx.TimeoutException):
+            return ClientError(f"the gpuyard server at {self.base_url} did not answer in time")
+        return ClientError(f"talking to {self.base_url} failed: {exc}")
+
+    def _refused(self, response: httpx.Response) -> ClientError:
+        status = response.status_code
+        detail = _detail(response)
+        if status == 401:
+            hint = " (give a valid token with --token or GPUYARD_TOKEN)"
+            return ClientError(f"not authenticated (401): {detail}{hint}", status)
+        if status == 403:
+            return ClientError(f"not allowed (403): {detail}", status)
+        if status == 404:
+            return ClientError(f"not found (404): {detail}", status)
+        return ClientError(f"refused ({status}): {detail}", status)
+
+    def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                json: Any = None) -> httpx.Response:
+        """One request; a 4xx or 5xx answer raises :class:`ClientError`."""
+        clean = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            response = self._http.request(method, path, params=clean, json=json)
+        except httpx.HTTPError as exc:
+            raise self._failed(exc) from exc
+        if response.status_code >= 400:
+            raise self._refused(response)
+        return response
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params).json()
+
+    def post(self, path: str, body: Any = None, **params: Any) -> Any:
+        return self.request("POST", path, params=params, json=body).json()
+
+    def delete(self, path: str) -> Any:
+        response = self.request("DELETE", path)
+        return response.json() if response.content else None
+
+    def text(self, path: str, **params: Any) -> str:
+        return self.request("GET", path, params=params).text
+
+    @contextmanager
+    def stream(self, path: str, **params: Any) -> Iterator[Iterator[bytes]]:
+        """GET ``path`` and yield its body chunk by chunk, never all at once."""
+        clean = {k: v for k, v in params.items() if v is not None}
+        try:
+            with self._http.stream("GET", path, params=clean) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise self._refused(response)
+                yield self._chunks(response)
+        except httpx.HTTPError as exc:
+            raise self._failed(exc) from exc
+
+    def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_bytes()
+        except httpx.HTTPError as exc:
+            raise ClientError(f"the stream from {self.base_url} broke off: {exc}") from exc
