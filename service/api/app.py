@@ -1,0 +1,79 @@
+"""The Litestar application over a :class:`service.runtime.Runtime`.
+
+``create_app(runtime)`` wires the routers, the ``actor`` dependency and the guard that
+authenticates every ``/api`` route, the one error mapper, the request id, the 1 MiB body
+limit and the OpenAPI schema at ``/schema``. Its lifespan runs ``runtime.running()``:
+the engine, the inventory record and the local executor live as long as the app.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from service.api.audit import audit_router
+from service.api.auth import actor_dependency, authenticate
+from service.api.configs import configs_router
+from service.api.errors import EXCEPTION_HANDLERS, MAX_BODY_BYTES
+from service.api.queue_actions import queue_router
+from service.api.request_id import echo_request_id, request_id_middleware
+from service.api.users import users_router
+from service.commands import Actor
+from service.runtime import Runtime
+
+__all__ = ["create_app"]
+
+API_VERSION = "1.0.0"
+
+
+def _optional_routers() -> list[Any]:
+    """Routers that live in modules of their own (``service.api.system``)."""
+    if importlib.util.find_spec("service.api.system") is None:
+        return []
+    module = importlib.import_module("service.api.system")
+    return [module.system_router]
+
+
+def create_app(runtime: Runtime) -> Litestar:
+    @asynccontextmanager
+    async def run_runtime(_: Litestar) -> AsyncIterator[None]:
+        async with runtime.running():
+            yield
+
+    openapi = OpenAPIConfig(
+        title="gpuyard",
+        version=API_VERSION,
+        description="A job queue for GPU training jobs (SPEC section 7). While no user "
+                    "exists every request acts as the local admin; after that, send "
+                    "'Authorization: Bearer <token>'.",
+        path="/schema",
+        create_examples=False,
+        components=Components(security_schemes={
+            "BearerToken": SecurityScheme(type="http", scheme="bearer",
+                                          description="a token from POST /api/users"),
+        }),
+        security=[{"BearerToken": []}],
+    )
+    return Litestar(
+        route_handlers=[queue_router, users_router, configs_router,
+                        audit_router, *_optional_routers()],
+        dependencies={"actor": actor_dependency},
+        guards=[authenticate],
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[request_id_middleware],
+        before_send=[echo_request_id],
+        lifespan=[run_runtime],
+        state=State({"runtime": runtime}),
+        request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=openapi,
+        logging_config=None,
+        signature_namespace={"Actor": Actor},
+    )

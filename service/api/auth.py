@@ -1,0 +1,99 @@
+"""Who is calling (SPEC section 6): the ``actor`` dependency and the read-side permissions.
+
+While no user exists, every request acts as the built-in local admin (single-user mode).
+Once one does, every ``/api/*`` request needs ``Authorization: Bearer <token>``; the
+token's sha256 is looked up in the committed state. A missing or unknown token is
+:class:`Unauthenticated` (401). The guard :func:`authenticate` runs for every route, so
+an ``/api`` route that forgets to ask for ``actor`` is still protected; the dependency
+``actor`` reuses what the guard found.
+
+Writes are checked by the command handler (``service.commands``); reads, which never
+reach it, are checked here with the same rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency, Provide
+from litestar.handlers.base import BaseRouteHandler
+
+from projections.state import JobEntry, QueueState
+from service.commands import LOCAL_ADMIN, Actor, NotAllowed, can_see_all
+from service.ids import token_hash
+
+__all__ = [
+    "Unauthenticated", "current_actor", "authenticate", "provide_actor", "actor_dependency",
+    "require_admin", "check_can_view", "can_see_all", "Actor", "CurrentActor",
+]
+
+_ACTOR_KEY = "gpuyard.actor"
+_BEARER = "bearer "
+
+
+class Unauthenticated(Exception):
+    """No valid bearer token on a request that needs one (401)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def actor_for_token(state: QueueState, authorization: str | None) -> Actor:
+    """The actor an ``Authorization`` header stands for, in the given state."""
+    if not state.users:
+        return LOCAL_ADMIN
+    if not authorization:
+        raise Unauthenticated("authentication required: send 'Authorization: Bearer <token>' "
+                              "(an admin creates tokens with POST /api/users/{id}/tokens)")
+    if authorization[:7].lower() != _BEARER:
+        raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
+    token_id = state.token_by_hash.get(token_hash(authorization[7:].strip()))
+    token = state.tokens.get(token_id) if token_id is not None else None
+    user = state.users.get(token.user_id) if token is not None else None
+    if user is None:
+        raise Unauthenticated("unknown or revoked token")
+    return Actor(user_id=user.user_id, name=user.name, level=user.level, team_id=user.team_id)
+
+
+def current_actor(connection: ASGIConnection[Any, Any, Any, Any]) -> Actor:
+    """The caller of this request (resolved once per request)."""
+    scope = connection.scope
+    actor = scope.get(_ACTOR_KEY)  # type: ignore[call-overload]
+    if actor is None:
+        state = connection.app.state.runtime.engine.state
+        actor = actor_for_token(state, connection.headers.get("authorization"))
+        scope[_ACTOR_KEY] = actor  # type: ignore[literal-required]
+        structlog.contextvars.bind_contextvars(actor=actor.label)
+    return actor  # type: ignore[no-any-return]
+
+
+async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """App-wide guard: every ``/api`` route needs a caller (async: Litestar would run a
+    plain function in a worker thread)."""
+    if connection.scope["path"].startswith("/api/"):
+        current_actor(connection)
+
+
+def provide_actor(request: ASGIConnection[Any, Any, Any, Any]) -> Actor:
+    return current_actor(request)
+
+
+actor_dependency = Provide(provide_actor, sync_to_thread=False)
+
+CurrentActor = NamedDependency[Actor]
+"""How a route asks for its caller: ``actor: CurrentActor`` (``actor: Actor`` works too)."""
+
+
+def require_admin(actor: Actor, action: str) -> None:
+    if actor.level != "admin":
+        raise NotAllowed(f"{action} needs level admin; you are {actor.level}")
+
+
+def check_can_view(actor: Actor, job: JobEntry) -> None:
+    """Researchers and viewers see their own jobs; leads and admins every job."""
+    if job.user_id != actor.user_id and not can_see_all(actor):
+        raise NotAllowed(f"job {job.job_id} belongs to another user; only leads and admins "
+                         "may view it")

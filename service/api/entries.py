@@ -1,0 +1,239 @@
+"""Queue entries as the API shows them, read from the committed in-memory state.
+
+Nothing here writes or awaits: a read answers from ``engine.state`` as it stands.
+Pending jobs come in queue order (``scheduler.pending_in_order``) with their global
+``position``; every other job newest first (by submission). Researchers and viewers
+are shown their own entries only, with positions still counted over the whole queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from itertools import islice
+
+from projections.state import TERMINAL, JobEntry, QueueState
+from service import scheduler
+from service.api.models import MeResponse, PositionResponse, QueueEntry, QueueListing
+
+__all__ = [
+    "to_datetime", "queue_entry", "effective_priority_of", "listing", "me", "position_of",
+    "estimated_wait_seconds", "LIST_STATUSES",
+]
+
+LIST_STATUSES = ("pending", "running", "blocked", "completed", "failed", "cancelled", "rejected")
+DAY = 86400.0
+
+
+def to_datetime(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _maybe_datetime(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+
+
+def effective_priority_of(job: JobEntry, state: QueueState, now: float) -> int:
+    """Aged priority for a pending job; ``priority_override ?? priority`` otherwise."""
+    if job.status == "pending":
+        return scheduler.job_effective_priority(job, now, state.settings)
+    return job.base_priority
+
+
+def queue_entry(job: JobEntry, state: QueueState, now: float, position: int | None) -> QueueEntry:
+    spec = job.spec
+    dispatched = job.started_at is not None
+    return QueueEntry(
+        job_id=job.job_id,
+        user_id=job.user_id,
+        team_id=job.team_id,
+        config_name=spec.config_name,
+        priority=job.priority,
+        priority_override=job.priority_override,
+        effective_priority=effective_priority_of(job, state, now),
+        status=job.status,
+        position=position,
+        queued_at=to_datetime(job.queued_at),
+        started_at=_maybe_datetime(job.started_at),
+        completed_at=_maybe_datetime(job.completed_at),
+        estimated_cost=spec.estimated_cost,
+        requires_approval=job.requires_approval,
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        error_message=job.error_message,
+        metadata=job.metadata,
+        allocated_gpus=list(job.allocated_gpus) if dispatched else None,
+        job_type=spec.target,
+        num_processes=spec.num_processes,
+        exit_code=job.exit_code,
+        worker_id=job.worker_id,
+    )
+
+
+# ---------------------------------------------------------------- pending jobs in order
+
+
+def _users_pending(state: QueueState, user_id: int, now: float) -> list[JobEntry]:
+    """One user's pending jobs in queue order, without walking anybody else's."""
+    jobs = state.jobs
+    mine = [
+        jobs[key[2]]
+        for (owner, _), keys in state.pending.by_user.items() if owner == user_id
+        for key in keys
+    ]
+    settings = state.settings
+    mine.sort(key=lambda job: (-scheduler.job_effective_priority(job, now, settings),
+                               job.queued_at, job.submit_seq))
+    return mine
+
+
+def _pending_page(
+    state: QueueState, now: float, user_id: int | None, offset: int, limit: int
+) -> tuple[list[tuple[JobEntry, int]], int]:
+    """A page of pending jobs with their positions, and how many pending jobs match."""
+    if user_id is None:
+        total = state.status_counts["pending"]
+        ordered = islice(scheduler.pending_in_order(state, now), offset, offset + limit)
+        return [(job, offset + i + 1) for i, job in enumerate(ordered)], total
+    mine = _users_pending(state, user_id, now)
+    page = mine[offset: offset + limit]
+    positions = [scheduler.position(state, job, now) or 0 for job in page]
+    return list(zip(page, positions, strict=True)), len(mine)
+
+
+def _newest_first(jobs: Iterable[JobEntry]) -> list[JobEntry]:
+    return sorted(jobs, key=lambda job: job.submit_seq, reverse=True)
+
+
+def _others(
+    state: QueueState, statuses: frozenset[str], user_id: int | None
+) -> Iterator[JobEntry]:
+    """Non-pending jobs with one of ``statuses``, newest first."""
+    jobs = state.jobs
+    if statuses <= {"running", "blocked"}:
+        live: list[JobEntry] = []
+        if "running" in statuses:
+            live.extend(jobs[job_id] for job_id in state.running)
+        if "blocked" in statuses:
+            live.extend(jobs[job_id] for job_id in state.blocked)
+        if user_id is not None:
+            live = [job for job in live if job.user_id == user_id]
+        yield from _newest_first(live)
+        return
+    for job in reversed(jobs.values()):  # dict order is submission order
+        if job.status in statuses and (user_id is None or job.user_id == user_id):
+            yield job
+
+
+def listing(
+    state: QueueState,
+    now: float,
+    *,
+    status: str | None,
+    include_completed: bool,
+    user_id: int | None,
+    limit: int,
+    offset: int,
+) -> QueueListing:
+    """``GET /api/queue``: pending in position order, then the rest newest first."""
+    if status is not None:
+        wanted = frozenset({status})
+    elif include_completed:
+        wanted = frozenset(LIST_STATUSES)
+    else:
+        wanted = frozenset({"pending", "running", "blocked"})
+    page: list[QueueEntry] = []
+    skip = offset
+    if "pending" in wanted:
+        pending, matching = _pending_page(state, now, user_id, offset, limit)
+        page.extend(queue_entry(job, state, now, pos) for job, pos in pending)
+        skip = max(0, offset - matching)
+    room = limit - len(page)
+    rest = wanted - {"pending"}
+    if room > 0 and rest:
+        for job in islice(_others(state, rest, user_id), skip, skip + room):
+            page.append(queue_entry(job, state, now, None))
+    counts = state.status_counts
+    return QueueListing(
+        entries=page,
+        total_pending=counts["pending"],
+        total_running=counts["running"],
+        total_blocked=counts["blocked"],
+    )
+
+
+def me(state: QueueState, now: float, user_id: int) -> MeResponse:
+    """``GET /api/queue/me``: the caller's pending (in order) and running jobs."""
+    pending = _users_pending(state, user_id, now)
+    positions = [scheduler.position(state, job, now) for job in pending]
+    jobs = state.jobs
+    running = _newest_first(
+        jobs[job_id] for job_id in state.running if jobs[job_id].user_id == user_id
+    )
+    blocked = sum(1 for job_id in state.blocked if jobs[job_id].user_id == user_id)
+    return MeResponse(
+        pending_count=len(pending),
+        running_count=len(running),
+        blocked_count=blocked,
+        best_position=positions[0] if positions else None,
+        pending_jobs=[queue_entry(job, state, now, pos)
+                      for job, pos in zip(pending, positions, strict=True)],
+        running_jobs=[queue_entry(job, state, now, None) for job in running],
+    )
+
+
+# ---------------------------------------------------------------- position and wait
+
+
+def _recent_run_seconds(state: QueueState, now: float) -> float | None:
+    """Mean run time of jobs that finished in the last 24 h after running."""
+    total = 0.0
+    count = 0
+    for job in state.jobs.values():
+        if (job.status in TERMINAL and job.started_at is not None
+                and job.completed_at is not None and now - job.completed_at <= DAY):
+            total += job.completed_at - job.started_at
+            count += 1
+    return total / count if count else None
+
+
+def estimated_wait_seconds(state: QueueState, job: JobEntry, now: float) -> float | None:
+    """A rough estimate of how long a pending job still waits (``None``: no basis).
+
+    Every job is assumed to run as long as the mean of the jobs that finished in the
+    last 24 hours, and the queue to drain through ``min(max_concurrent,
+    local_job_max_concurrent)`` slots (local jobs) or ``max_concurrent`` slots. A slot
+    frees when its running job reaches that mean; the jobs ahead then take the slots in
+    turn. Per-user limits, GPU fit and priority changes are ignored.
+    """
+    if job.status == "running":
+        return 0.0
+    if job.status != "pending":
+        return None
+    mean_run = _recent_run_seconds(state, now)
+    if mean_run is None:
+        return None
+    settings = state.settings
+    slots = settings.max_concurrent
+    if job.spec.target == "local":
+        slots = min(slots, settings.local_job_max_concurrent)
+    slots = max(1, slots)
+    jobs = state.jobs
+    frees = sorted(
+        max(0.0, mean_run - (now - (jobs[job_id].started_at or now))) for job_id in state.running
+    )[:slots]
+    frees += [0.0] * (slots - len(frees))
+    ahead = (scheduler.position(state, job, now) or 1) - 1
+    return round(frees[ahead % slots] + (ahead // slots) * mean_run, 1)
+
+
+def position_of(state: QueueState, job: JobEntry, now: float) -> PositionResponse:
+    return PositionResponse(
+        job_id=job.job_id,
+        position=scheduler.position(state, job, now),
+        status=job.status,
+        priority=job.priority,
+        effective_priority=effective_priority_of(job, state, now),
+        queued_at=to_datetime(job.queued_at),
+        estimated_wait_seconds=estimated_wait_seconds(state, job, now),
+    )

@@ -1,0 +1,142 @@
+"""Read routes of the queue (SPEC section 7). They answer from ``engine.state`` at once:
+plain functions on the event loop, no SQL, no waiting behind the writer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Request, get
+from litestar.params import FromPath, FromQuery, QueryParameter
+
+from projections import views
+from projections.state import JobEntry, QueueState
+from service import scheduler
+from service.api import entries
+from service.api.auth import CurrentActor, check_can_view
+from service.api.context import engine_of, read_now
+from service.api.errors import error_responses
+from service.api.models import (
+    ConcurrencySettings,
+    ExplainReason,
+    ExplainResponse,
+    LocalStats,
+    MeResponse,
+    PositionResponse,
+    QueueEntry,
+    QueueListing,
+    StatsResponse,
+)
+from service.commands import Actor, NotAllowed, UnknownJob, can_see_all
+
+__all__ = ["QUEUE_VIEWS", "settings_out"]
+
+ListStatus = Literal[
+    "pending", "queued", "running", "blocked", "completed", "failed", "cancelled", "rejected"
+]
+
+
+def _job(state: QueueState, job_id: str, actor: Actor) -> JobEntry:
+    job = state.jobs.get(job_id)
+    if job is None:
+        raise UnknownJob(f"no job with id {job_id!r}")
+    check_can_view(actor, job)
+    return job
+
+
+def settings_out(state: QueueState) -> ConcurrencySettings:
+    return ConcurrencySettings(**msgspec.structs.asdict(state.settings))
+
+
+@get("/", sync_to_thread=False, responses=error_responses(401, 403, 422),
+     summary="List queue entries")
+def list_queue(
+    request: Request[Any, Any, Any],
+    actor: CurrentActor,
+    status: FromQuery[ListStatus | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
+    offset: Annotated[int, QueryParameter(ge=0)] = 0,
+    include_completed: FromQuery[bool] = False,
+    user_id: FromQuery[int | None] = None,
+) -> QueueListing:
+    """Pending jobs in position order, then the rest newest first. Researchers and viewers
+    see their own entries only (positions stay global). ``queued`` means ``pending``; a
+    ``status`` filter shows that status even when it is terminal."""
+    if not can_see_all(actor):
+        if user_id is not None and user_id != actor.user_id:
+            raise NotAllowed("researchers and viewers see only their own entries; "
+                             "leave user_id out or give your own")
+        user_id = actor.user_id
+    state = engine_of(request).state
+    return entries.listing(
+        state,
+        read_now(state),
+        status="pending" if status == "queued" else status,
+        include_completed=include_completed,
+        user_id=user_id,
+        limit=limit,
+        offset=offset,
+    )
+
+
+@get("/stats", sync_to_thread=False, responses=error_responses(401), summary="Queue statistics")
+def stats(request: Request[Any, Any, Any], actor: CurrentActor) -> StatsResponse:
+    """The seed's fields; counts cover all targets. ``avg_wait_seconds`` is the mean of
+    ``started_at - queued_at`` over jobs started in the last 24 h (null if none)."""
+    state = engine_of(request).state
+    shown = views.stats(state, read_now(state))
+    local = LocalStats(**shown.pop("local"))
+    return StatsResponse(local=local, **shown)
+
+
+@get("/me", sync_to_thread=False, responses=error_responses(401), summary="My queue status")
+def my_queue(request: Request[Any, Any, Any], actor: CurrentActor) -> MeResponse:
+    state = engine_of(request).state
+    return entries.me(state, read_now(state), actor.user_id)
+
+
+@get("/position/{job_id:str}", sync_to_thread=False, responses=error_responses(401, 403, 404),
+     summary="A job's position")
+def job_position(request: Request[Any, Any, Any], actor: CurrentActor,
+                 job_id: FromPath[str]) -> PositionResponse:
+    """``estimated_wait_seconds`` assumes every job runs as long as the mean of the jobs
+    that finished in the last 24 h and that the queue drains through
+    ``min(max_concurrent, local_job_max_concurrent)`` slots; null with no such history."""
+    state = engine_of(request).state
+    return entries.position_of(state, _job(state, job_id, actor), read_now(state))
+
+
+@get("/concurrency", sync_to_thread=False, responses=error_responses(401),
+     summary="Queue limits and settings")
+def get_concurrency(request: Request[Any, Any, Any], actor: CurrentActor) -> ConcurrencySettings:
+    return settings_out(engine_of(request).state)
+
+
+@get("/{job_id:str}", sync_to_thread=False, responses=error_responses(401, 403, 404),
+     summary="One queue entry")
+def queue_entry(request: Request[Any, Any, Any], actor: CurrentActor,
+                job_id: FromPath[str]) -> QueueEntry:
+    state = engine_of(request).state
+    job = _job(state, job_id, actor)
+    now = read_now(state)
+    return entries.queue_entry(job, state, now, scheduler.position(state, job, now))
+
+
+@get("/{job_id:str}/explain", sync_to_thread=False, responses=error_responses(401, 403, 404),
+     summary="Why a job is not running")
+def explain(request: Request[Any, Any, Any], actor: CurrentActor,
+            job_id: FromPath[str]) -> ExplainResponse:
+    """The scheduler's own walk, stopped at this job: the first rule that holds it back,
+    plus ``jobs_ahead`` when other pending jobs come first."""
+    state = engine_of(request).state
+    job = _job(state, job_id, actor)
+    why = scheduler.explain(state, job.job_id, read_now(state))
+    return ExplainResponse(
+        job_id=why.job_id,
+        status=job.status,
+        position=why.position,
+        reasons=[ExplainReason(code=r.code, detail=r.detail) for r in why.reasons],
+    )
+
+
+QUEUE_VIEWS = [list_queue, stats, my_queue, job_position, get_concurrency, queue_entry, explain]

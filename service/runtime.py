@@ -1,0 +1,83 @@
+"""The composition root: one data directory, its log, the engine, configs, GPUs, executor.
+
+``Runtime(data_dir, gpus)`` builds everything without starting anything; ``async with
+runtime.running():`` starts the engine's write loop, records the GPU inventory as an
+event (only when it changed) and starts the local executor, and stops them in reverse
+order when the block ends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+
+from events.log import EventLog
+from service.commands import SYSTEM, ObserveInventory
+from service.configs import ConfigStore
+from service.engine import Engine
+
+__all__ = ["Runtime", "resolve_data_dir"]
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    """The argument, else ``GPUYARD_DATA_DIR``, else ``~/.gpuyard`` (SPEC section 1)."""
+    chosen = data_dir if data_dir not in (None, "") else os.environ.get("GPUYARD_DATA_DIR")
+    if not chosen:
+        chosen = Path.home() / ".gpuyard"
+    return Path(chosen).expanduser()
+
+
+class Runtime:
+    """Everything one server process needs, built from a data directory and a GPU spec.
+
+    Raises ``ValueError`` for a malformed GPU spec and ``events.log.LogError`` when the
+    log cannot be opened, before anything is started.
+    """
+
+    def __init__(self, data_dir: str | Path | None, gpus: str | None) -> None:
+        from service.gpus import detect_inventory
+
+        self.inventory = detect_inventory(gpus)
+        self.data_dir = resolve_data_dir(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "configs").mkdir(exist_ok=True)
+        (self.data_dir / "runs").mkdir(exist_ok=True)
+        self.log_path = self.data_dir / "events.db"
+        self.event_log = EventLog(self.log_path)
+        self.engine = Engine(self.event_log)
+        self.configs = ConfigStore(self.data_dir / "configs")
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    def open_log_readonly(self) -> EventLog:
+        """A separate read-only connection to the log (exports): never blocks the writer."""
+        return EventLog(self.log_path, readonly=True)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Runtime]:
+        """Start the engine, record the inventory, start the local executor."""
+        from service.executors.local import LocalExecutor
+
+        async with self.engine.running():
+            await self.engine.execute(
+                ObserveInventory(
+                    backend=self.inventory.backend, devices=tuple(self.inventory.devices)
+                ),
+                SYSTEM,
+            )
+            executor = LocalExecutor(self.engine, self.runs_dir)
+            async with anyio.create_task_group() as task_group:
+                await task_group.start(executor.run)
+                try:
+                    yield self
+                finally:
+                    task_group.cancel_scope.cancel()
+
+    def close(self) -> None:
+        self.event_log.close()
