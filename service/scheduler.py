@@ -69,6 +69,7 @@ ReasonCode = Literal[
     "local_job_limit",
     "local_gpu_limit",
     "gpus_busy",
+    "gpu_inventory",
     "reserved_for_higher_priority",
     "awaiting_approval",
     "jobs_ahead",
@@ -212,6 +213,7 @@ class _Pass:
         self.local_running = state.local_running
         self.allocated = state.allocated_gpu_count
         self.free = set(state.free_gpus())
+        self.inventory = frozenset(d.index for d in state.gpus)
         self.reserved: set[int] | None = set()  # None: every GPU is reserved
         self.gpu_jobs_blocked = False
         self.local_blocked = False
@@ -250,6 +252,9 @@ class _Pass:
         need = job.spec.num_processes
         if need == 0:
             return Placement(True)
+        outgrown = self._outgrown(job)
+        if outgrown is not None:  # the inventory shrank after submission: wait, reserve nothing
+            return Placement(False, reason=Reason("gpu_inventory", outgrown))
         limit = s.local_gpu_max_concurrent
         if limit is not None and self.allocated + need > limit:
             return Placement(False, reason=Reason(
@@ -263,6 +268,16 @@ class _Pass:
                 "reserved_for_higher_priority",
                 "the free GPUs are held for a higher-priority job that waits for GPUs"))
         return Placement(False, reason=Reason("gpus_busy", self._busy_detail(job)))
+
+    def _outgrown(self, job: JobEntry) -> str | None:
+        spec = job.spec
+        if spec.num_processes > len(self.inventory):
+            return (f"it needs {spec.num_processes} GPUs and the GPU inventory now has "
+                    f"{len(self.inventory)}; it waits until GPUs come back")
+        if spec.device_ids and not spec.any_gpu and not self.inventory.issuperset(spec.device_ids):
+            gone = sorted(set(spec.device_ids) - self.inventory)
+            return f"GPUs {gone} are no longer in the GPU inventory; it waits until they come back"
+        return None
 
     def _choose(self, job: JobEntry, reserved: set[int] | None) -> tuple[int, ...] | None:
         if reserved is _ALL_GPUS:

@@ -325,3 +325,38 @@ async def test_sigkilled_server_loses_no_job_and_no_result(tmp_path: Path, jobs:
             server.kill()
     assert jobs.conflicts() == ""
     assert gpu_holding_violations(tmp_path / "events.db") == []
+
+
+async def test_a_gpu_removed_under_a_running_job_crashes_nothing(
+    tmp_path: Path, jobs: Jobs
+) -> None:
+    limits = {**OPEN_LIMITS, "local_job_max_concurrent": 3}
+    async with open_keeper(tmp_path, "4xA100:40", limits) as (engine, executor):
+        await engine.execute(submit_command("holder", jobs.command("--wait"), device_ids=[2, 3],
+                                            num_processes=2), LOCAL_ADMIN)
+        await engine.execute(submit_command("wide", jobs.command(), num_processes=4),
+                             LOCAL_ADMIN)
+        await wait_seen(jobs, "holder")
+    # restarted with GPUs 2 and 3 gone: the holder keeps running and keeps its entry
+    async with open_keeper(tmp_path, "2xA100:40", limits) as (engine, executor):
+        state = engine.state
+        assert [d.index for d in state.gpus] == [0, 1]
+        assert state.jobs["holder"].status == "running"
+        assert state.gpu_holder == {2: "holder", 3: "holder"}
+        assert state.free_gpus() == [0, 1]
+        # the 4-GPU job can no longer fit: it stays pending, and explain says why
+        from service.scheduler import explain
+
+        assert state.jobs["wide"].status == "pending"
+        (reason,) = explain(state, "wide", engine.clock()).reasons
+        assert reason.code == "gpu_inventory"
+        assert reason.detail.startswith("it needs 4 GPUs and the GPU inventory now has 2")
+        # a smaller job still runs on what is left: the one that cannot fit reserves nothing
+        await engine.execute(submit_command("small", jobs.command(), num_processes=1),
+                             LOCAL_ADMIN)
+        small = await wait_status(engine, "small", "completed")
+        assert small.allocated_gpus == (0,)
+        jobs.release("holder")
+        assert (await wait_status(engine, "holder", "completed")).exit_code == 0
+        assert engine.state.gpu_holder == {}
+    assert jobs.conflicts() == ""
