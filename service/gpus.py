@@ -99,7 +99,7 @@ def detect_inventory(spec: str | None) -> Inventory:
         return Inventory(backend="spec", devices=parse_gpu_spec(spec))
     try:
         devices = _nvml_devices()
-    except Exception as exc:  # ImportError, NVMLError, a broken driver: all mean "no NVML"
+    except Exception as exc:  # noqa: BLE001 - ImportError, NVMLError, a broken driver: no NVML
         log.warning("nvml_unavailable", error=f"{type(exc).__name__}: {exc}",
                     fallback="no GPUs (use --gpus or GPUYARD_GPUS to declare some)")
         return Inventory(backend="none", devices=())
@@ -126,7 +126,7 @@ def gpu_usage(inventory: Inventory) -> list[dict[str, object]]:
     try:
         nvml = _nvml()
         nvml.nvmlInit()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the status endpoint must answer regardless
         log.warning("nvml_usage_unavailable", error=f"{type(exc).__name__}: {exc}")
         return usage
     try:
@@ -135,7 +135,7 @@ def gpu_usage(inventory: Inventory) -> list[dict[str, object]]:
                 handle = nvml.nvmlDeviceGetHandleByIndex(device.index)
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)
                 rates = nvml.nvmlDeviceGetUtilizationRates(handle)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad device must not hide the rest
                 log.warning("nvml_device_query_failed", index=device.index,
                             error=f"{type(exc).__name__}: {exc}")
                 continue
@@ -147,6 +147,6 @@ def gpu_usage(inventory: Inventory) -> list[dict[str, object]]:
     finally:
         try:
             nvml.nvmlShutdown()
-        except Exception:
-            pass
+        except Exception as exc:  # noqa: BLE001 - nothing left to release
+            log.debug("nvml_shutdown_failed", error=str(exc))
     return usage

@@ -28,7 +28,7 @@ from service.commands import Actor, UnknownJob
 from service.executors.run_files import RunFiles, read_tail
 from service.gpus import Inventory, gpu_usage
 
-__all__ = ["system_router", "memory_percent", "inventory_summary"]
+__all__ = ["inventory_summary", "memory_percent", "system_router"]
 
 TEXT = "text/plain; charset=utf-8"
 CHUNK = 64 * 1024

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from events.types import JobSpec
 
-__all__ = ["job_environment", "launch_problem", "wrapper_argv", "WRAPPER"]
+__all__ = ["WRAPPER", "job_environment", "launch_problem", "wrapper_argv"]
 
 WRAPPER = Path(__file__).with_name("wrapper.py")
 

@@ -73,7 +73,7 @@ Signal = JobDispatched | JobCancelRequested
 class _Run:
     """One attempt of one job whose process this executor keeps."""
 
-    __slots__ = ("job_id", "attempt", "pid", "start_time", "process", "exited", "cancelling")
+    __slots__ = ("attempt", "cancelling", "exited", "job_id", "pid", "process", "start_time")
 
     def __init__(self, job_id: str, attempt: int) -> None:
         self.job_id = job_id
@@ -212,9 +212,9 @@ class LocalExecutor:
         await self._report(ReportFailed(job_id=job.job_id, error=why, retryable=True))
 
     def _alive(self, pid: int, start_time: int, launch: LaunchRecord | None) -> bool:
-        if launch is not None and launch.boot_id and self._boot_id:
-            if launch.boot_id != self._boot_id:
-                return False  # start times only mean something within one boot
+        if launch is not None and launch.boot_id and self._boot_id \
+                and launch.boot_id != self._boot_id:
+            return False  # start times only mean something within one boot
         return is_running(pid, start_time)
 
     def _adopt(self, job: JobEntry, pid: int, start_time: int) -> _Run:
@@ -271,17 +271,9 @@ class LocalExecutor:
                 return
             if job.attempt > 1:
                 files.note(f"attempt {job.attempt} of {job.max_attempts}")
-            with files.output.open("ab") as output:
-                process = subprocess.Popen(
-                    wrapper_argv(files.dir, job.attempt, spec.working_dir, spec.command),
-                    stdin=subprocess.DEVNULL,
-                    stdout=output,
-                    stderr=subprocess.STDOUT,
-                    cwd=files.dir,
-                    env=env,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+            argv = wrapper_argv(files.dir, job.attempt, spec.working_dir, spec.command)
+            # fork and exec off the event loop (Popen waits until the exec is done)
+            process = await anyio.to_thread.run_sync(_start_wrapper, argv, files, env)
         except OSError as exc:
             self._forget(run)
             error = f"could not launch the job: {exc}"
@@ -386,6 +378,21 @@ class LocalExecutor:
                 log.error("report_failed_retrying", command=type(command).__name__,
                           error=str(exc))
                 await anyio.sleep(REPORT_RETRY_SECONDS)
+
+
+def _start_wrapper(argv: list[str], files: RunFiles, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start the wrapper as the leader of a new session, its output in the job's log."""
+    with files.output.open("ab") as output:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=files.dir,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
 
 
 def _is_local(job: JobEntry) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["process_start_time", "is_running", "boot_id"]
+__all__ = ["boot_id", "is_running", "process_start_time"]
 
 _PROC = Path("/proc")
 

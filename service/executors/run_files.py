@@ -17,7 +17,7 @@ from pathlib import Path
 
 from msgspec import Struct
 
-__all__ = ["RunFiles", "LaunchRecord", "ExitRecord", "read_tail"]
+__all__ = ["ExitRecord", "LaunchRecord", "RunFiles", "read_tail"]
 
 
 class LaunchRecord(Struct, frozen=True, kw_only=True):

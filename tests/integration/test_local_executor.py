@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_local_support import (  # noqa: E402
+from test_local_support import (
     OPEN_LIMITS,
     Jobs,
     gpu_holding_violations,
@@ -22,8 +22,8 @@ from test_local_support import (  # noqa: E402
     wait_status,
 )
 
-from service.commands import LOCAL_ADMIN, Cancel, ChangeSettings  # noqa: E402
-from service.executors.procfs import process_start_time  # noqa: E402
+from service.commands import LOCAL_ADMIN, Cancel, ChangeSettings
+from service.executors.procfs import process_start_time
 
 pytestmark = pytest.mark.anyio
 
@@ -134,7 +134,7 @@ async def test_the_wrapper_reports_a_launch_error_the_preflight_could_not_see(
 
 
 async def test_cancel_kills_the_whole_process_group(tmp_path: Path, jobs: Jobs) -> None:
-    async with open_keeper(tmp_path, "2xA100:40", OPEN_LIMITS) as (engine, executor):
+    async with open_keeper(tmp_path, "2xA100:40", OPEN_LIMITS) as (engine, _executor):
         await engine.execute(
             submit_command("parent", jobs.command("--wait", "--grandchild"), num_processes=2),
             LOCAL_ADMIN)
@@ -159,7 +159,7 @@ async def test_cancel_kills_the_whole_process_group(tmp_path: Path, jobs: Jobs) 
 async def test_a_job_ignoring_sigterm_is_killed_after_the_grace(
     tmp_path: Path, jobs: Jobs
 ) -> None:
-    async with open_keeper(tmp_path) as (engine, executor):
+    async with open_keeper(tmp_path) as (engine, _executor):
         await engine.execute(ChangeSettings({"cancel_grace_seconds": 0.3}), LOCAL_ADMIN)
         await engine.execute(
             submit_command("stubborn", jobs.command("--wait", "--ignore-term", "--grandchild")),

@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_local_support import (  # noqa: E402
+from test_local_support import (
     OPEN_LIMITS,
     Jobs,
     gpu_holding_violations,
@@ -29,19 +29,19 @@ from test_local_support import (  # noqa: E402
     wait_status,
 )
 
-from events.log import EventLog  # noqa: E402
-from events.types import JobFailed, JobRequeued, JobStarted  # noqa: E402
-from projections.fold import fold  # noqa: E402
-from projections.state import QueueState  # noqa: E402
-from service.commands import (  # noqa: E402
+from events.log import EventLog
+from events.types import JobFailed, JobRequeued, JobStarted
+from projections.fold import fold
+from projections.state import QueueState
+from service.commands import (
     LOCAL_ADMIN,
     SYSTEM,
     Cancel,
     ReportStarted,
 )
-from service.executors.launch import job_environment, wrapper_argv  # noqa: E402
-from service.executors.procfs import process_start_time  # noqa: E402
-from service.executors.run_files import RunFiles  # noqa: E402
+from service.executors.launch import job_environment, wrapper_argv
+from service.executors.procfs import process_start_time
+from service.executors.run_files import RunFiles
 
 pytestmark = pytest.mark.anyio
 
@@ -92,7 +92,7 @@ async def test_a_job_dispatched_but_never_started_is_requeued_with_attempt_2(
         assert engine.state.jobs["j"].status == "running"
         assert engine.state.jobs["j"].pid is None
 
-    async with open_keeper(tmp_path) as (engine, executor):
+    async with open_keeper(tmp_path) as (engine, _executor):
         job = await wait_status(engine, "j", "completed")
         assert (job.attempt, job.exit_code) == (2, 0)
     (failed,) = recorded(tmp_path / "events.db", JobFailed)
@@ -108,7 +108,7 @@ async def test_a_lost_job_at_max_attempts_fails_instead(tmp_path: Path, jobs: Jo
         from msgspec.structs import replace
 
         await engine.execute(replace(command, max_attempts=1), LOCAL_ADMIN)
-    async with open_keeper(tmp_path) as (engine, executor):
+    async with open_keeper(tmp_path) as (engine, _executor):
         job = await wait_status(engine, "j", "failed")
         assert job.attempt == 1 and job.exit_code is None
         assert job.error_message is not None and "never started" in job.error_message
@@ -122,7 +122,7 @@ async def test_a_cancel_requested_before_the_crash_is_honoured(
         await engine.execute(submit_command("j", jobs.command("--wait")), LOCAL_ADMIN)
         await engine.execute(Cancel(job_ids=("j",)), LOCAL_ADMIN)
         assert engine.state.jobs["j"].cancel_requested
-    async with open_keeper(tmp_path) as (engine, executor):
+    async with open_keeper(tmp_path) as (engine, _executor):
         job = await wait_status(engine, "j", "cancelled")
         assert job.attempt == 1
     assert jobs.seen("j") is None  # nothing was launched for it
@@ -139,13 +139,13 @@ async def test_a_process_started_but_not_recorded_is_adopted(
         files = RunFiles(tmp_path / "runs", "j")
         files.prepare()
         with files.output.open("ab") as output:  # exactly what the executor would launch
-            wrapper = subprocess.Popen(
+            wrapper = subprocess.Popen(  # noqa: ASYNC220 - the test plays a crashed server
                 wrapper_argv(files.dir, job.attempt, None, job.spec.command),
                 env=job_environment(os.environ, job.spec, "j", job.allocated_gpus),
                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         await wait_seen(jobs, "j")
-        async with open_keeper(tmp_path) as (engine, executor):
+        async with open_keeper(tmp_path) as (engine, _executor):
             assert await engine.wait_for(lambda s: s.jobs["j"].pid == wrapper.pid, 30)
             assert engine.state.jobs["j"].attempt == 1
             jobs.release("j")
@@ -165,7 +165,7 @@ async def test_a_reused_pid_is_never_adopted(tmp_path: Path, jobs: Jobs) -> None
         await engine.execute(submit_command("j", jobs.command()), LOCAL_ADMIN)
         await engine.execute(ReportStarted(job_id="j", pid=me, process_start_time=my_start + 1),
                              SYSTEM)
-    async with open_keeper(tmp_path) as (engine, executor):
+    async with open_keeper(tmp_path) as (engine, _executor):
         job = await wait_status(engine, "j", "completed")
         assert job.attempt == 2  # lost, re-queued, run again
     failed = recorded(tmp_path / "events.db", JobFailed)
@@ -176,7 +176,7 @@ async def test_a_reused_pid_is_never_adopted(tmp_path: Path, jobs: Jobs) -> None
 async def test_a_process_killed_while_the_server_was_down_is_requeued(
     tmp_path: Path, jobs: Jobs
 ) -> None:
-    async with open_keeper(tmp_path) as (engine, executor):
+    async with open_keeper(tmp_path) as (engine, _executor):
         await engine.execute(submit_command("j", jobs.command("--wait")), LOCAL_ADMIN)
         await wait_seen(jobs, "j")
         assert await engine.wait_for(lambda s: s.jobs["j"].pid is not None, 30)
@@ -186,7 +186,7 @@ async def test_a_process_killed_while_the_server_was_down_is_requeued(
     os.killpg(leader, signal.SIGKILL)
     assert await settle(lambda: process_start_time(leader) is None or _zombie(leader))
     (jobs.out / "j.json").unlink()
-    async with open_keeper(tmp_path) as (engine, executor):
+    async with open_keeper(tmp_path) as (engine, _executor):
         await wait_seen(jobs, "j")
         assert engine.state.jobs["j"].attempt == 2
         jobs.release("j")
@@ -199,14 +199,14 @@ async def test_a_job_dispatched_by_the_startup_inventory_is_launched_not_requeue
     tmp_path: Path, jobs: Jobs
 ) -> None:
     limits = {**OPEN_LIMITS, "local_job_max_concurrent": 2}
-    async with open_keeper(tmp_path, "1xA100:40", limits) as (engine, executor):
+    async with open_keeper(tmp_path, "1xA100:40", limits) as (engine, _executor):
         await engine.execute(submit_command("a", jobs.command("--wait")), LOCAL_ADMIN)
         await engine.execute(submit_command("b", jobs.command()), LOCAL_ADMIN)
         await wait_seen(jobs, "a")
         assert engine.state.jobs["b"].status == "pending"
     # a GPU was added while the server was down: recording the inventory at start-up
     # dispatches b before the executor subscribes
-    async with open_keeper(tmp_path, "2xA100:40", limits) as (engine, executor):
+    async with open_keeper(tmp_path, "2xA100:40", limits) as (engine, _executor):
         job = await wait_status(engine, "b", "completed")
         assert (job.attempt, job.allocated_gpus) == (1, (1,))
         assert engine.state.jobs["a"].status == "running"  # adopted
@@ -262,8 +262,8 @@ class ServerProcess:
         args = {"data_dir": str(self.data_dir), "gpus": self.gpus, "settings": self.settings,
                 "submit": list(submit), "ready": str(self.ready)}
         code = SERVER.format(here=str(HERE), repo=str(REPO))
-        self.process = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)],
-                                        cwd=REPO)
+        self.process = subprocess.Popen(  # noqa: ASYNC220 - a fast fork/exec in a test
+            [sys.executable, "-c", code, json.dumps(args)], cwd=REPO)
         assert await settle(lambda: self.ready.exists() or self.process.poll() is not None)
         assert self.process.poll() is None, "the server process died at start"
 
@@ -331,14 +331,14 @@ async def test_a_gpu_removed_under_a_running_job_crashes_nothing(
     tmp_path: Path, jobs: Jobs
 ) -> None:
     limits = {**OPEN_LIMITS, "local_job_max_concurrent": 3}
-    async with open_keeper(tmp_path, "4xA100:40", limits) as (engine, executor):
+    async with open_keeper(tmp_path, "4xA100:40", limits) as (engine, _executor):
         await engine.execute(submit_command("holder", jobs.command("--wait"), device_ids=[2, 3],
                                             num_processes=2), LOCAL_ADMIN)
         await engine.execute(submit_command("wide", jobs.command(), num_processes=4),
                              LOCAL_ADMIN)
         await wait_seen(jobs, "holder")
     # restarted with GPUs 2 and 3 gone: the holder keeps running and keeps its entry
-    async with open_keeper(tmp_path, "2xA100:40", limits) as (engine, executor):
+    async with open_keeper(tmp_path, "2xA100:40", limits) as (engine, _executor):
         state = engine.state
         assert [d.index for d in state.gpus] == [0, 1]
         assert state.jobs["holder"].status == "running"

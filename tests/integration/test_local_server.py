@@ -15,10 +15,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serverproc import ServerProcess, kill_job_processes  # noqa: E402
-from test_local_support import SETTLE, Jobs, gpu_holding_violations  # noqa: E402
+from serverproc import ServerProcess, kill_job_processes
+from test_local_support import SETTLE, Jobs, gpu_holding_violations
 
-from service.executors.run_files import RunFiles  # noqa: E402
+from service.executors.run_files import RunFiles
 
 
 def eventually(probe: Callable[[], Any], what: str, timeout: float = SETTLE) -> Any:
