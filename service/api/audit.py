@@ -150,7 +150,7 @@ class _ExportOperation(Operation):
                           "text/csv": OpenAPIMediaType(schema=text)}
 
 
-@get("/export", sync_to_thread=False, media_type=JSONL, operation_class=_ExportOperation,
+@get("/export", sync_to_thread=False, operation_class=_ExportOperation,
      responses=error_responses(401, 403, 422, 503), summary="Export the audit log")
 def export(
     request: Request[Any, Any, Any],

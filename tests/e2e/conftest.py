@@ -14,87 +14,22 @@ first job submitted starts and the others wait. Job processes are killed at tear
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-from litestar.testing import AsyncTestClient
 
-from serverproc import kill_job_processes
-from service.api import create_app
-from service.runtime import Runtime
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # api_harness, in any import mode
+    sys.path.insert(0, str(HERE))
 
-GPUS = "4xA100:40"
-
-CONFIGS = {
-    "sleeper": 'command = ["sleep", "60"]\nnum_processes = 1\n',
-    "cpu": 'command = ["sleep", "60"]\nnum_processes = 0\n',
-    "pair": 'command = ["sleep", "60"]\nnum_processes = 2\ndevice_ids = [0, 1]\n',
-    "costly": 'command = ["sleep", "60"]\nestimated_cost = 100.0\n',
-}
+from api_harness import Api, open_api, write_configs  # noqa: E402
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def write_configs(data_dir: Path) -> None:
-    configs = data_dir / "configs"
-    configs.mkdir(parents=True, exist_ok=True)
-    for name, text in CONFIGS.items():
-        (configs / f"{name}.toml").write_text(text)
-
-
-class Api:
-    """The client, the runtime behind it, and shortcuts the tests share."""
-
-    def __init__(self, client: AsyncTestClient[Any], runtime: Runtime) -> None:
-        self.client = client
-        self.runtime = runtime
-        self.tokens: dict[str, str] = {}  # level -> token, after make_users()
-        self.user_ids: dict[str, int] = {}
-
-    @property
-    def state(self) -> Any:
-        return self.runtime.engine.state
-
-    def auth(self, who: str | None) -> dict[str, str]:
-        """Headers acting as ``who`` (a level made by :meth:`make_users`, or a token)."""
-        if who is None:
-            return {}
-        token = self.tokens.get(who, who)
-        return {"Authorization": f"Bearer {token}"}
-
-    async def get(self, path: str, who: str | None = None, **params: Any) -> httpx.Response:
-        return await self.client.get(path, headers=self.auth(who), params=params)
-
-    async def post(self, path: str, body: Any = None, who: str | None = None,
-                   **params: Any) -> httpx.Response:
-        return await self.client.post(path, json=body, headers=self.auth(who), params=params)
-
-    async def submit(self, config: str = "sleeper", who: str | None = None,
-                     **fields: Any) -> httpx.Response:
-        return await self.post("/api/queue/submit", {"config_name": config, **fields}, who)
-
-    async def submit_ok(self, config: str = "sleeper", who: str | None = None,
-                        **fields: Any) -> dict[str, Any]:
-        response = await self.submit(config, who, **fields)
-        assert response.status_code == 201, response.text
-        return response.json()  # type: ignore[no-any-return]
-
-    async def make_users(self, *levels: str) -> None:
-        """An admin first (it ends single-user mode), then one user per other level."""
-        wanted = levels or ("admin", "lead", "researcher", "viewer")
-        order = ["admin"] + [level for level in wanted if level != "admin"]
-        for level in order:
-            who = "admin" if "admin" in self.tokens else None
-            response = await self.post("/api/users", {"name": level, "level": level}, who,)
-            assert response.status_code == 201, response.text
-            self.tokens[level] = response.json()["token"]
-            self.user_ids[level] = response.json()["user_id"]
 
 
 @pytest.fixture
@@ -106,10 +41,5 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def api(data_dir: Path) -> AsyncIterator[Api]:
-    runtime = Runtime(data_dir, GPUS)
-    try:
-        async with AsyncTestClient(app=create_app(runtime)) as client:
-            yield Api(client, runtime)
-    finally:
-        kill_job_processes(data_dir)
-        runtime.close()
+    async with open_api(data_dir) as opened:
+        yield opened

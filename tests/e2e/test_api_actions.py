@@ -1,0 +1,224 @@
+"""The queue's write routes over HTTP: cancel (one, many, running), approve and reject,
+priority overrides, limits, a scheduling pass, cleanup."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from api_harness import open_api
+
+from events.envelope import seal
+from events.log import EventLog
+from events.types import JobCancelled, JobSpec, JobSubmitted
+
+pytestmark = pytest.mark.anyio
+
+DEFAULT_SETTINGS = {
+    "max_concurrent": 5, "user_max_concurrent": 2, "team_max_concurrent": 10,
+    "enable_fair_share": False, "local_gpu_max_concurrent": None, "local_job_max_concurrent": 1,
+    "starvation_threshold_minutes": 60.0, "starvation_boost": 10,
+    "approval_cost_threshold": 50.0, "approval_timeout_hours": 24.0, "cancel_grace_seconds": 10.0,
+}
+
+
+def events_of(api, type_: str) -> list:
+    return [r for r in api.runtime.event_log.read() if r.type == type_]
+
+
+async def test_cancel_pending_running_and_finished(api) -> None:
+    running = await api.submit_ok("sleeper")
+    pending = await api.submit_ok("sleeper")
+    response = await api.post(f"/api/queue/{pending['job_id']}/cancel")
+    assert response.status_code == 200
+    assert response.json() == {"success": True, "job_id": pending["job_id"], "status": "cancelled"}
+    # a running job: the process group is stopped, then the answer comes
+    stopped = await api.post(f"/api/queue/{running['job_id']}/cancel")
+    assert stopped.json()["status"] == "cancelled"
+    assert api.state.jobs[running["job_id"]].status == "cancelled"
+    again = await api.post(f"/api/queue/{running['job_id']}/cancel")
+    assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
+    assert (await api.post("/api/queue/nosuchjob/cancel")).status_code == 404
+
+
+async def test_cancelling_starts_the_next_job(api) -> None:
+    running = await api.submit_ok("sleeper")
+    waiting = await api.submit_ok("sleeper")
+    await api.post(f"/api/queue/{running['job_id']}/cancel")
+    started = await api.runtime.engine.wait_for(
+        lambda state: state.jobs[waiting["job_id"]].status == "running", 10.0)
+    assert started
+
+
+async def test_bulk_cancel_ids_is_all_or_nothing(api) -> None:
+    await api.submit_ok("cpu")
+    a = (await api.submit_ok("cpu"))["job_id"]
+    b = (await api.submit_ok("cpu"))["job_id"]
+    c = (await api.submit_ok("cpu"))["job_id"]
+    done = await api.post("/api/queue/cancel", {"job_ids": [a]})
+    assert done.json() == {"success": True, "cancelled": [a]}
+    refused = await api.post("/api/queue/cancel", {"job_ids": [b, a]})
+    assert refused.status_code == 409
+    unknown = await api.post("/api/queue/cancel", {"job_ids": [b, "nosuchjob"]})
+    assert unknown.status_code == 404
+    assert api.state.jobs[b].status == "pending"  # nothing of the refused requests happened
+    both = await api.post("/api/queue/cancel", {"job_ids": [b, c]})
+    assert sorted(both.json()["cancelled"]) == sorted([b, c])
+
+
+async def test_bulk_cancel_all_is_own_jobs_for_researchers_every_job_for_leads(api) -> None:
+    await api.make_users("admin", "lead", "researcher")
+    await api.submit_ok("cpu", "admin")
+    mine = [(await api.submit_ok("cpu", "researcher"))["job_id"] for _ in range(2)]
+    theirs = (await api.submit_ok("cpu", "lead"))["job_id"]
+    response = await api.post("/api/queue/cancel", {"all": True}, "researcher")
+    assert sorted(response.json()["cancelled"]) == sorted(mine)
+    assert api.state.jobs[theirs].status == "pending"
+    everything = await api.post("/api/queue/cancel", {"all": True}, "lead")
+    assert theirs in everything.json()["cancelled"]
+    assert api.state.status_counts["pending"] == 0 and api.state.status_counts["running"] == 0
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    ({}, 422), ({"job_ids": []}, 422), ({"all": True, "job_ids": ["x"]}, 422),
+    ({"job_ids": "abc"}, 422), ({"everything": True}, 422),
+])
+async def test_bad_bulk_cancel_bodies(api, body, status) -> None:
+    response = await api.post("/api/queue/cancel", body)
+    assert response.status_code == status and response.json()["detail"]
+
+
+async def test_approve_and_reject_blocked_jobs_only(api) -> None:
+    await api.submit_ok("cpu")
+    first = (await api.submit_ok("cpu", requires_approval=True))["job_id"]
+    second = (await api.submit_ok("cpu", requires_approval=True))["job_id"]
+    approved = await api.post(f"/api/queue/{first}/approve")
+    assert approved.json() == {"success": True, "job_id": first, "status": "pending"}
+    again = await api.post(f"/api/queue/{first}/approve")
+    assert again.status_code == 409 and "only blocked jobs" in again.json()["detail"]
+    assert (await api.post(f"/api/queue/{first}/reject")).status_code == 409
+    rejected = await api.post(f"/api/queue/{second}/reject", reason="too expensive")
+    assert rejected.json()["status"] == "rejected"
+    entry = (await api.get(f"/api/queue/{second}", include_completed="true")).json()
+    assert entry["error_message"] == "too expensive"
+    assert (await api.post("/api/queue/nosuchjob/approve")).status_code == 404
+
+
+async def test_priority_override_moves_a_job_and_can_be_removed(api) -> None:
+    await api.make_users("admin", "lead", "researcher")
+    await api.submit_ok("cpu", "admin")
+    lead_job = (await api.submit_ok("cpu", "lead"))["job_id"]
+    job = (await api.submit_ok("cpu", "researcher"))["job_id"]
+    raised = await api.post(f"/api/queue/{job}/priority", {"priority": 50}, "lead")
+    assert raised.status_code == 200
+    assert raised.json() == {"success": True, "job_id": job, "status": "pending", "priority": 10,
+                             "priority_override": 50, "effective_priority": 50, "position": 1}
+    cleared = (await api.post(f"/api/queue/{job}/priority", {"priority": None}, "admin")).json()
+    assert cleared["priority_override"] is None and cleared["position"] == 2
+    assert (await api.get(f"/api/queue/{lead_job}", "admin")).json()["position"] == 1
+
+
+@pytest.mark.parametrize("body", [{"priority": 101}, {"priority": -1}, {"priority": "high"},
+                                  {}, {"priority": 5, "reason": "x"}])
+async def test_bad_priorities_are_422(api, body) -> None:
+    await api.submit_ok("cpu")
+    job = (await api.submit_ok("cpu"))["job_id"]
+    response = await api.post(f"/api/queue/{job}/priority", body)
+    assert response.status_code == 422, response.text
+
+
+async def test_priority_of_a_running_job_is_409(api) -> None:
+    job = (await api.submit_ok("cpu"))["job_id"]
+    response = await api.post(f"/api/queue/{job}/priority", {"priority": 5})
+    assert response.status_code == 409
+
+
+async def test_concurrency_get_and_seed_post(api) -> None:
+    assert (await api.get("/api/queue/concurrency")).json() == DEFAULT_SETTINGS
+    response = await api.post("/api/queue/concurrency",
+                              {"max_concurrent": 10, "user_max_concurrent": 3})
+    assert response.status_code == 200
+    assert response.json() == {**DEFAULT_SETTINGS, "max_concurrent": 10, "user_max_concurrent": 3}
+    assert (await api.get("/api/queue/stats")).json()["max_concurrent"] == 10
+    [changed] = events_of(api, "queue.settings_changed")
+    assert changed.event.settings.user_max_concurrent == 3
+
+
+async def test_local_gpu_limit_null_means_unlimited_and_omitted_means_unchanged(api) -> None:
+    set_six = await api.post("/api/queue/concurrency",
+                             {"local_gpu_max_concurrent": 6, "local_job_max_concurrent": 2})
+    assert set_six.json()["local_gpu_max_concurrent"] == 6
+    other = await api.post("/api/queue/concurrency", {"enable_fair_share": True})
+    assert other.json()["local_gpu_max_concurrent"] == 6
+    assert other.json()["local_job_max_concurrent"] == 2
+    unlimited = await api.post("/api/queue/concurrency", {"local_gpu_max_concurrent": None})
+    assert unlimited.json()["local_gpu_max_concurrent"] is None
+    assert unlimited.json()["enable_fair_share"] is True
+
+
+@pytest.mark.parametrize("body", [
+    {"max_concurrent": 0}, {"user_max_concurrent": -2}, {"local_gpu_max_concurrent": 0},
+    {"enable_fair_share": "yes"}, {"max_concurrent": 1.5}, {"starvation_threshold_minutes": 0},
+    {"approval_cost_threshold": -1}, {"max_concurent": 3}, {"max_concurrent": None},
+])
+async def test_bad_limits_are_422_and_change_nothing(api, body) -> None:
+    response = await api.post("/api/queue/concurrency", body)
+    assert response.status_code == 422, response.text
+    assert list(body)[0] in response.json()["detail"]
+    assert events_of(api, "queue.settings_changed") == []
+
+
+async def test_raising_a_limit_starts_waiting_jobs(api) -> None:
+    await api.submit_ok("cpu")
+    waiting = (await api.submit_ok("cpu"))["job_id"]
+    await api.post("/api/queue/concurrency", {"local_job_max_concurrent": 2})
+    assert api.state.jobs[waiting].status == "running"
+
+
+async def test_process_runs_a_pass(api) -> None:
+    await api.submit_ok("cpu")
+    await api.submit_ok("cpu")
+    response = await api.post("/api/queue/process")
+    assert response.status_code == 200
+    # every change already ran a pass, so this one finds nothing new to start
+    assert response.json() == {"success": True, "dispatched": 0, "job_ids": []}
+
+
+def backdated_log(data_dir, *jobs: tuple[str, float]) -> None:
+    """A log holding jobs submitted and cancelled ``age`` seconds ago."""
+    log = EventLog(data_dir / "events.db")
+    spec = JobSpec(config_name="cpu", command=("true",), num_processes=0)
+    now = time.time()
+    for job_id, age in jobs:
+        for event, at in ((JobSubmitted(job_id=job_id, user_id=0, spec=spec, priority=30),
+                           now - age), (JobCancelled(job_id=job_id), now - age + 1)):
+            log.append([seal(log.last_hash, log.last_seq + 1, at, "user:0:local-admin", None,
+                             None, event)])
+    log.close()
+
+
+async def test_seed_cleanup_removes_old_finished_entries_only(data_dir) -> None:
+    day = 86400.0
+    backdated_log(data_dir, ("oldjob000001", 40 * day), ("newjob000001", 5 * day))
+    async with open_api(data_dir) as api:
+        active = (await api.submit_ok("cpu"))["job_id"]
+        response = await api.post("/api/queue/cleanup", days=30)
+        assert response.status_code == 200
+        assert response.json() == {"success": True, "deleted": 1, "days": 30}
+        assert (await api.get("/api/queue/oldjob000001")).status_code == 404
+        listed = (await api.get("/api/queue", include_completed="true")).json()["entries"]
+        assert {e["job_id"] for e in listed} == {active, "newjob000001"}
+        again = (await api.post("/api/queue/cleanup", days=30)).json()
+        assert again == {"success": True, "deleted": 0, "days": 30}
+        week = (await api.post("/api/queue/cleanup", days=1)).json()
+        assert week["deleted"] == 1 and api.state.jobs[active].status == "running"
+        # the log keeps every event: the audit export still has the purged jobs
+        export = await api.client.get("/api/audit/export", params={"job_id": "oldjob000001"})
+        assert [line for line in export.text.splitlines() if line]
+        assert (await api.post("/api/queue/cleanup")).json()["days"] == 30
+
+
+@pytest.mark.parametrize("days", ["0", "366", "-3", "week"])
+async def test_cleanup_days_out_of_range_is_422(api, days) -> None:
+    response = await api.post("/api/queue/cleanup", days=days)
+    assert response.status_code == 422 and "days" in response.json()["detail"]
