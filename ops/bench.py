@@ -66,6 +66,7 @@ from service.commands import (
     Submit,
 )
 from service.engine import Engine
+from service.logging import configure_logging
 
 DEFAULT_DIR = ROOT / "ops" / "out"
 REPLAY_EVENTS = 1_000_000
@@ -494,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--max-concurrent", type=int, default=20)
     args = parser.parse_args(argv)
+    configure_logging("warning")  # stdout carries only the figures
     names = list(BENCHES) if args.name == "all" else [args.name]
     ok = True
     for name in names:
