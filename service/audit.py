@@ -253,7 +253,7 @@ def write_export(rows: Iterable[Row], out: IO[bytes], fmt: str = "jsonl") -> int
     if fmt != "csv":
         raise AuditError(f"unknown export format {fmt!r}: use jsonl or csv")
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
-    writer = csv.writer(text)
+    writer = csv.writer(text, lineterminator="\n")
     writer.writerow(FIELDS)
     count = 0
     for seq, at, type_, actor, corr, cause, data, digest in rows:

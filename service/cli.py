@@ -9,10 +9,12 @@ line. No traceback is shown for a user's error.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -30,6 +32,8 @@ STATUSES = ("pending", "queued", "running", "blocked", "completed", "failed", "c
 TERMINAL = ("completed", "failed", "cancelled", "rejected")
 DEFAULT_COLUMNS = ("job_id", "status", "user_id", "config_name", "effective_priority",
                    "position", "allocated_gpus", "queued_at", "started_at")
+DEFAULT_HEADERS = ("job_id", "status", "user", "config", "prio", "pos", "gpus", "queued_at",
+                   "started_at")
 FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
                       show_default=True, help="table for people, json for programs.")
 
@@ -140,9 +144,8 @@ def _out() -> Any:
 
 
 def _json(value: Any) -> None:
-    from service.cli_tables import print_json
-
-    print_json(value)
+    """Stable, machine-readable JSON on stdout (keys in the server's or the asked order)."""
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
 
 def _parse_device_ids(text: str | None) -> list[int] | None:
@@ -289,10 +292,12 @@ def jobs_list(ctx: click.Context, fields: str | None, fmt: str, status: str | No
         else:
             _json([{column: pick(entry, column) for column in columns} for entry in entries])
         return
-    shown = columns or list(DEFAULT_COLUMNS)
     title = (f"{len(entries)} jobs (pending {answer.get('total_pending', 0)}, running "
              f"{answer.get('total_running', 0)}, blocked {answer.get('total_blocked', 0)})")
-    _out().print(table(entries, shown, title=title))
+    if columns:
+        _out().print(table(entries, columns, title=title))
+    else:
+        _out().print(table(entries, list(DEFAULT_COLUMNS), headers=DEFAULT_HEADERS, title=title))
 
 
 def _cancel_line(job_id: str, status: str | None) -> str:
@@ -392,23 +397,18 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
     """A job's combined stdout and stderr."""
     api = _api(ctx)
     path = f"/api/queue/{job_id}/logs"
+    out = sys.stdout.buffer
     if not follow:
-        _write(api.text(path, tail=tail))
+        with api.stream(path, tail=tail) as chunks:
+            for chunk in chunks:
+                out.write(chunk)
+        out.flush()
         return
-    printed = 0
-    first = True
+    printed = _follow_once(api, path, 0, tail)
     while True:
-        # read the status first: output written before the job ended is then all there
+        # the status first: output written before the job ended is then all in the file
         entry = api.get(f"/api/queue/{job_id}")
-        text = api.text(path)
-        if first and tail is not None:
-            lines = text.splitlines(keepends=True)
-            printed = len(text) - len("".join(lines[-tail:]))
-        first = False
-        if len(text) < printed:  # the log was replaced (a re-queued attempt): start over
-            printed = 0
-        _write(text[printed:])
-        printed = len(text)
+        printed = _follow_once(api, path, printed, None)
         if entry.get("status") in TERMINAL:
             detail = entry.get("status")
             if entry.get("exit_code") is not None:
@@ -418,9 +418,26 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
         time.sleep(interval)
 
 
-def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+def _follow_once(api: Client, path: str, printed: int, tail: int | None) -> int:
+    """Print the output past byte ``printed`` (or its last ``tail`` lines); return its size."""
+    out = sys.stdout.buffer
+    seen = 0
+    last_lines: deque[bytes] = deque(maxlen=tail or 1)
+    partial = b""
+    with api.stream(path) as chunks:
+        for chunk in chunks:
+            if tail is not None:
+                *lines, partial = (partial + chunk).split(b"\n")
+                last_lines.extend(line + b"\n" for line in lines)
+            elif seen + len(chunk) > printed:
+                out.write(chunk[max(0, printed - seen):])
+            seen += len(chunk)
+    if tail is not None:
+        if partial:
+            last_lines.append(partial)
+        out.write(b"".join(last_lines))
+    out.flush()
+    return max(seen, printed)
 
 
 def _print_explanation(answer: dict[str, Any]) -> None:

@@ -9,13 +9,50 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+import sys
+import types
 from typing import Any
 
-import httpx
+
+def _import_httpx() -> types.ModuleType:
+    """``import httpx`` without httpx's own command line.
+
+    httpx imports its CLI (rich, pygments) on import when those are installed, which
+    nearly doubles the start of every ``gpuyard`` command. A placeholder ``httpx._main``
+    makes httpx take its documented path for an install without the CLI extras.
+    """
+    if "httpx" in sys.modules:
+        return sys.modules["httpx"]
+    placeholder = types.ModuleType("httpx._main")
+    sys.modules.setdefault("httpx._main", placeholder)
+    try:
+        import httpx
+    except ImportError:  # a future httpx that needs its real _main: import it as it is
+        if sys.modules.get("httpx._main") is placeholder:
+            del sys.modules["httpx._main"]
+        sys.modules.pop("httpx", None)
+        import httpx
+    finally:
+        if sys.modules.get("httpx._main") is placeholder:
+            del sys.modules["httpx._main"]
+    return httpx
+
+
+httpx = _import_httpx()
 
 __all__ = ["DEFAULT_URL", "Client", "ClientError"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+
+_STATUS_WORDS = {
+    400: "bad request",
+    403: "not allowed",
+    404: "not found",
+    409: "conflict",
+    413: "too large",
+    422: "invalid",
+    503: "unavailable",
+}
 
 
 class ClientError(Exception):
@@ -45,7 +82,11 @@ class Client:
         if "://" not in base_url:
             base_url = f"http://{base_url}"
         self.base_url = base_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if token is not None and (not token.isascii() or not token.isprintable()
+                                  or " " in token.strip()):
+            raise ClientError("the token has characters a token never has; check --token or "
+                              "GPUYARD_TOKEN")
+        headers = {"Authorization": f"Bearer {token.strip()}"} if token else {}
         try:
             self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         except (ValueError, httpx.InvalidURL) as exc:
@@ -70,11 +111,8 @@ class Client:
         if status == 401:
             hint = " (give a valid token with --token or GPUYARD_TOKEN)"
             return ClientError(f"not authenticated (401): {detail}{hint}", status)
-        if status == 403:
-            return ClientError(f"not allowed (403): {detail}", status)
-        if status == 404:
-            return ClientError(f"not found (404): {detail}", status)
-        return ClientError(f"refused ({status}): {detail}", status)
+        word = _STATUS_WORDS.get(status, "refused" if status < 500 else "server error")
+        return ClientError(f"{word} ({status}): {detail}", status)
 
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                 json: Any = None) -> httpx.Response:

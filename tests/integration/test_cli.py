@@ -1,0 +1,297 @@
+"""The gpuyard CLI as a subprocess against a real server on a free loopback port.
+
+One server (4 fake A100s, the default limits: one local job at a time) is shared by
+the module; every test leaves the queue empty for the next.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cli_runner import gpuyard, one_error_line
+from serverproc import ServerProcess, free_port
+
+from service.audit import ChainBroken, verify_file, verify_partial
+
+CONFIGS = {
+    # prints three lines, then exits
+    "quick": {"command": [sys.executable, "-c",
+                          "import time\nfor i in range(3):\n print('step', i, flush=True)\n"
+                          " time.sleep(0.2)"], "num_processes": 1},
+    # holds its GPU until cancelled
+    "hold": {"command": [sys.executable, "-c", "import time; time.sleep(300)"],
+             "num_processes": 1},
+}
+
+
+def _toml(config: dict) -> str:
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in config.items())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    data = tmp_path_factory.mktemp("cli") / "data"
+    (data / "configs").mkdir(parents=True)
+    for name, config in CONFIGS.items():
+        (data / "configs" / f"{name}.toml").write_text(_toml(config))
+    with ServerProcess(data, gpus="4xA100:40") as proc:
+        yield proc
+
+
+def wait_until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _stats(server: ServerProcess) -> dict:
+    return httpx.get(server.url + "/api/queue/stats").json()
+
+
+@pytest.fixture
+def cli(server: ServerProcess) -> Iterator:  # type: ignore[type-arg]
+    """``cli(*args)`` runs gpuyard against the server; the queue is emptied afterwards."""
+
+    def run(*args: str):  # type: ignore[no-untyped-def]
+        return gpuyard("--server", server.url, *args)
+
+    yield run
+    httpx.post(server.url + "/api/queue/cancel", json={"all": True})
+    wait_until(lambda: _stats(server)["running"] == 0 and _stats(server)["queue_depth"] == 0)
+
+
+def _job_id(result) -> str:  # type: ignore[no-untyped-def]
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["job_id"]
+
+
+def _status(server: ServerProcess, job_id: str) -> str:
+    return httpx.get(f"{server.url}/api/queue/{job_id}").json()["status"]
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def test_submit_then_list_as_table_and_json_with_a_nested_field(cli, server) -> None:
+    submitted = cli("jobs", "submit", "quick", "--label", "run_name=lr-3e-4", "--label",
+                    "sweep=a")
+    assert submitted.returncode == 0, submitted.stderr
+    assert submitted.stdout.startswith("job ") and "running on GPUs 0" in submitted.stdout
+    job_id = submitted.stdout.split()[1].rstrip(":")
+
+    listed = cli("jobs", "list", "--format", "json", "-o", "job_id,status,metadata.run_name")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    mine = [row for row in rows if row["job_id"] == job_id]
+    assert list(mine[0]) == ["job_id", "status", "metadata.run_name"]
+    assert mine[0]["metadata.run_name"] == "lr-3e-4"
+
+    table = cli("jobs", "list", "-o", "job_id,config_name,metadata.sweep", "-l", "5")
+    assert table.returncode == 0, table.stderr
+    line = next(line for line in table.stdout.splitlines() if job_id in line)
+    assert line.split() == [job_id, "quick", "a"]
+
+    full = json.loads(cli("jobs", "list", "--format", "json").stdout)
+    assert {"job_id", "status", "metadata", "allocated_gpus"} <= set(full[0])
+
+
+def test_logs_follow_until_the_job_ends(cli, server) -> None:
+    job_id = _job_id(cli("jobs", "submit", "quick", "--format", "json"))
+    followed = cli("jobs", "logs", job_id, "-f", "--interval", "0.1")
+    assert followed.returncode == 0, followed.stderr
+    assert followed.stdout == "step 0\nstep 1\nstep 2\n"
+    assert f"job {job_id} ended: completed" in followed.stderr
+    tail = cli("jobs", "logs", job_id, "--tail", "1")
+    assert tail.stdout == "step 2\n"
+
+
+def test_status_as_json(cli) -> None:
+    result = cli("jobs", "status", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["local"]["total_gpus"] == 4
+    assert {"queue_depth", "running", "max_concurrent", "by_status"} <= set(stats)
+    table = cli("jobs", "status")
+    assert "max_concurrent" in table.stdout and "local total GPUs" in table.stdout
+
+
+def test_a_waiting_job_explain_dry_run_cancel(cli, server) -> None:
+    holder = _job_id(cli("jobs", "submit", "hold", "--format", "json"))
+    waiting = cli("jobs", "submit", "quick")
+    assert waiting.returncode == 0, waiting.stderr
+    assert "queued at position 1" in waiting.stdout
+    waiting_id = waiting.stdout.split()[1].rstrip(":")
+
+    explained = cli("jobs", "explain", waiting_id)
+    assert explained.returncode == 0, explained.stderr
+    assert explained.stdout.splitlines()[0] == f"job {waiting_id} is pending at position 1"
+    assert "local_job_limit:" in explained.stdout
+    reasons = json.loads(cli("jobs", "explain", waiting_id, "--format", "json").stdout)
+    assert reasons["reasons"][0]["code"] == "local_job_limit"
+
+    before = _stats(server)["by_status"]
+    dry = cli("jobs", "submit", "quick", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would not start now" in dry.stdout and "nothing was submitted" in dry.stdout
+    assert _stats(server)["by_status"] == before
+
+    queued = json.loads(cli("jobs", "list", "--status", "queued", "--format", "json").stdout)
+    assert [row["job_id"] for row in queued] == [waiting_id]
+    cancelled = cli("jobs", "cancel", waiting_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.strip() == f"job {waiting_id}: cancelled"
+    assert _status(server, waiting_id) == "cancelled"
+    assert _status(server, holder) == "running"
+
+
+def test_dry_run_that_would_start_names_the_gpus(cli, server) -> None:
+    dry = cli("jobs", "submit", "quick", "--dry-run", "--device-ids", "2")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == ["dry run: quick would start now on GPUs 2",
+                                       "nothing was submitted"]
+
+
+def test_cancel_several_and_cancel_all(cli, server) -> None:
+    holder = _job_id(cli("jobs", "submit", "hold", "--format", "json"))
+    first = _job_id(cli("jobs", "submit", "quick", "--format", "json"))
+    second = _job_id(cli("jobs", "submit", "quick", "--format", "json"))
+    third = _job_id(cli("jobs", "submit", "quick", "--format", "json"))
+    several = cli("jobs", "cancel", first, second)
+    assert several.returncode == 0, several.stderr
+    assert {_status(server, first), _status(server, second)} == {"cancelled"}
+    everything = cli("jobs", "cancel", "--all")
+    assert everything.returncode == 0, everything.stderr
+    assert everything.stdout.startswith("cancelled 2 jobs")
+    assert holder in everything.stdout and third in everything.stdout
+    wait_until(lambda: _status(server, holder) == "cancelled")
+    assert _status(server, third) == "cancelled"
+
+
+def test_no_wait_when_busy_is_one_error_line(cli) -> None:
+    _job_id(cli("jobs", "submit", "hold", "--format", "json"))
+    line = one_error_line(cli("jobs", "submit", "quick", "--no-wait"))
+    assert "not submitted" in line
+
+
+def test_approve_reject_and_priority(cli, server) -> None:
+    blocked = cli("jobs", "submit", "quick", "--requires-approval")
+    assert "blocked until an admin approves it" in blocked.stdout
+    blocked_id = blocked.stdout.split()[1].rstrip(":")
+    rejected_id = _job_id(cli("jobs", "submit", "quick", "--estimated-cost", "1",
+                              "--requires-approval", "--format", "json"))
+    assert cli("jobs", "reject", rejected_id, "--reason", "too big").returncode == 0
+    entry = httpx.get(f"{server.url}/api/queue/{rejected_id}").json()
+    assert (entry["status"], entry["error_message"]) == ("rejected", "too big")
+    _job_id(cli("jobs", "submit", "hold", "--format", "json"))
+    approved = cli("jobs", "approve", blocked_id)
+    assert approved.returncode == 0, approved.stderr
+    assert _status(server, blocked_id) == "pending"
+    bumped = cli("jobs", "priority", blocked_id, "55")
+    assert bumped.returncode == 0, bumped.stderr
+    assert "priority 55" in bumped.stdout
+    assert httpx.get(f"{server.url}/api/queue/{blocked_id}").json()["priority_override"] == 55
+    assert "invalid (422)" in one_error_line(cli("jobs", "priority", blocked_id, "500"))
+    assert "conflict (409)" in one_error_line(cli("jobs", "approve", blocked_id))
+
+
+def test_queue_limits_process_cleanup(cli) -> None:
+    changed = cli("queue", "limits", "--max-concurrent", "7", "--local-gpu-max-concurrent",
+                  "3", "--format", "json")
+    assert changed.returncode == 0, changed.stderr
+    settings = json.loads(changed.stdout)
+    assert (settings["max_concurrent"], settings["local_gpu_max_concurrent"]) == (7, 3)
+    reset = json.loads(cli("queue", "limits", "--max-concurrent", "5",
+                           "--local-gpu-max-concurrent", "none", "--format", "json").stdout)
+    assert (reset["max_concurrent"], reset["local_gpu_max_concurrent"]) == (5, None)
+    shown = cli("queue", "limits")
+    assert "user_max_concurrent" in shown.stdout
+    assert cli("queue", "process").stdout.startswith("dispatched 0 jobs")
+    assert cli("queue", "cleanup", "--days", "1").stdout.startswith("removed 0 finished")
+
+
+# ---------------------------------------------------------------- audit
+
+
+def test_export_then_verify_and_a_changed_event_fails(cli, server, tmp_path: Path) -> None:
+    _job_id(cli("jobs", "submit", "quick", "--label", "run_name=audited", "--format", "json"))
+    export = tmp_path / "audit.jsonl"
+    exported = cli("audit", "export", "-o", str(export))
+    assert exported.returncode == 0, exported.stderr
+    lines = export.read_text().splitlines()
+    assert f"exported {len(lines)} events" in exported.stderr
+    verified = cli("audit", "verify", str(export))
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.startswith(f"ok: {len(lines)} events")
+
+    events = [json.loads(line) for line in lines]
+    target = next(e for e in events if e["type"] == "job.submitted"
+                  and e["data"]["metadata"].get("run_name") == "audited")
+    target["data"]["metadata"]["run_name"] = "something else"
+    tampered = tmp_path / "tampered.jsonl"
+    tampered.write_text("".join(json.dumps(e) + "\n" for e in events))
+    line = one_error_line(cli("audit", "verify", str(tampered)))
+    assert f"seq {target['seq']}" in line
+    with pytest.raises(ChainBroken) as broken:
+        verify_file(tampered)
+    assert broken.value.seq == target["seq"]
+
+
+def test_export_csv_and_a_filtered_export(cli, tmp_path: Path) -> None:
+    _job_id(cli("jobs", "submit", "quick", "--format", "json"))
+    as_csv = tmp_path / "audit.csv"
+    assert cli("audit", "export", "--format", "csv", "-o", str(as_csv)).returncode == 0
+    assert verify_file(as_csv).count > 0
+    typed = tmp_path / "submitted.jsonl"
+    result = cli("audit", "export", "--type", "job.submitted", "--since", "2000-01-01",
+                 "-o", str(typed))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in typed.read_text().splitlines()]
+    assert rows and {row["type"] for row in rows} == {"job.submitted"}
+    assert verify_partial(typed).count == len(rows)
+    assert cli("audit", "verify", "--partial", str(typed)).returncode == 0
+    to_stdout = cli("audit", "export", "--job", rows[0]["data"]["job_id"])
+    assert to_stdout.returncode == 0
+    assert all(json.loads(line)["seq"] for line in to_stdout.stdout.splitlines())
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["jobs", "cancel", "nosuchjob"], "not found (404)"),
+        (["jobs", "explain", "nosuchjob"], "not found (404)"),
+        (["jobs", "logs", "nosuchjob"], "not found (404)"),
+        (["jobs", "logs", "nosuchjob", "-f"], "not found (404)"),
+        (["jobs", "approve", "nosuchjob"], "not found (404)"),
+        (["jobs", "submit", "nosuchconfig"], "not found (404)"),
+        (["jobs", "submit", "quick", "--device-ids", "9"], "invalid (422)"),
+        (["jobs", "submit", "quick", "--device-ids", "a,b"], "--device-ids"),
+        (["jobs", "submit", "quick", "--label", "novalue"], "--label"),
+        (["jobs", "submit", "quick", "--target", "worker"], "invalid (422)"),
+        (["jobs", "cancel"], "--all"),
+        (["jobs", "list", "--status", "sleeping"], "--status"),
+        (["jobs", "priority", "x", "high"], "PRIORITY"),
+        (["audit", "export", "--since", "last tuesday"], "--since"),
+        (["queue", "cleanup", "--days", "0"], "--days"),
+        (["nosuchcommand"], "nosuchcommand"),
+    ],
+)
+def test_error_paths_are_one_line(cli, args: list[str], says: str) -> None:
+    assert says in one_error_line(cli(*args))
+
+
+def test_server_down_is_one_line() -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    for args in (["jobs", "list"], ["audit", "export", "-o", "/tmp/never.jsonl"]):
+        line = one_error_line(gpuyard("--server", down, *args))
+        assert "cannot reach the gpuyard server" in line
+    assert not Path("/tmp/never.jsonl").exists()
