@@ -23,6 +23,7 @@ from service.api.audit import audit_router
 from service.api.auth import actor_dependency, authenticate
 from service.api.configs import configs_router
 from service.api.errors import EXCEPTION_HANDLERS, MAX_BODY_BYTES
+from service.api.panel import panel_router
 from service.api.queue_actions import queue_router
 from service.api.request_id import echo_request_id, request_id_middleware
 from service.api.users import users_router
@@ -64,7 +65,7 @@ def create_app(runtime: Runtime) -> Litestar:
     )
     return Litestar(
         route_handlers=[queue_router, users_router, configs_router,
-                        audit_router, *_optional_routers()],
+                        audit_router, panel_router, *_optional_routers()],
         dependencies={"actor": actor_dependency},
         guards=[authenticate],
         exception_handlers=EXCEPTION_HANDLERS,
