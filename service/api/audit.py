@@ -22,7 +22,13 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, Router, get
-from litestar.openapi.spec import OpenAPIMediaType, Operation, Schema
+from litestar.openapi.spec import (
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Schema,
+)
 from litestar.params import FromQuery, QueryParameter
 from litestar.response import Stream
 
@@ -142,10 +148,11 @@ def _export(log: EventLog, after_seq: int, keep: ExportFilter, fmt: str) -> Iter
 class _ExportOperation(Operation):
     """The export answers JSONL or CSV: both media types belong in the schema."""
 
-    def __post_init__(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         ok = self.responses.get("200") if self.responses else None
-        if ok is not None and not isinstance(ok, dict) and hasattr(ok, "content"):
-            text = Schema(type="string")  # type: ignore[arg-type]
+        if isinstance(ok, OpenAPIResponse):
+            text = Schema(type=OpenAPIType.STRING)
             ok.content = {JSONL: OpenAPIMediaType(schema=text),
                           "text/csv": OpenAPIMediaType(schema=text)}
 
@@ -158,7 +165,7 @@ def export(
     format: FromQuery[Literal["jsonl", "csv"]] = "jsonl",
     since: Annotated[str | None, QueryParameter(max_length=64)] = None,
     until: Annotated[str | None, QueryParameter(max_length=64)] = None,
-    after_seq: Annotated[int, QueryParameter(ge=0)] = 0,
+    after_seq: Annotated[int, QueryParameter(ge=0, le=2**62)] = 0,
     job_id: Annotated[str | None, QueryParameter(max_length=64)] = None,
     user_id: FromQuery[int | None] = None,
     type: Annotated[str | None, QueryParameter(max_length=64)] = None,

@@ -70,11 +70,12 @@ _DESCRIPTIONS = {
 
 
 def error_responses(*codes: int) -> dict[int, ResponseSpec]:
-    """OpenAPI entries for the error statuses a route can answer."""
+    """OpenAPI entries for the error statuses a route can answer (401 and 422 always:
+    any ``/api`` route may need a token, and any parameter may be invalid)."""
     return {
         code: ResponseSpec(data_container=ErrorBody, description=_DESCRIPTIONS[code],
                            generate_examples=False)
-        for code in codes
+        for code in sorted({401, 422, *codes})
     }
 
 

@@ -55,7 +55,7 @@ def list_queue(
     actor: CurrentActor,
     status: FromQuery[ListStatus | None] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
-    offset: Annotated[int, QueryParameter(ge=0)] = 0,
+    offset: Annotated[int, QueryParameter(ge=0, le=1_000_000_000)] = 0,
     include_completed: FromQuery[bool] = False,
     user_id: FromQuery[int | None] = None,
 ) -> QueueListing:

@@ -1,0 +1,157 @@
+"""Against a real ``gpuyard serve`` process on loopback (uvicorn in a subprocess):
+concurrent submissions from many users, a SIGKILL and a restart, bad start-up flags."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import anyio
+import httpx
+import pytest
+from api_harness import write_configs
+from serverproc import REPO_ROOT, ServerProcess
+
+from events.log import EventLog
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+@pytest.fixture
+def server(data_dir):
+    process = ServerProcess(data_dir, gpus="4xA100:40")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop(kill_jobs=True)
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def create_users(client: httpx.AsyncClient, count: int) -> list[tuple[int, str]]:
+    """``count`` users (the first an admin); their ids and tokens."""
+    first = await client.post("/api/users", json={"name": "user-0", "level": "admin"})
+    assert first.status_code == 201, first.text
+    admin = first.json()["token"]
+    users = [(first.json()["user_id"], admin)]
+    levels = ("researcher", "lead", "viewer", "admin")
+    for n in range(1, count):
+        response = await client.post("/api/users", headers=auth(admin),
+                                     json={"name": f"user-{n}", "level": levels[n % 4],
+                                           "team_id": f"team-{n % 5}"})
+        assert response.status_code == 201, response.text
+        users.append((response.json()["user_id"], response.json()["token"]))
+    return users
+
+
+async def test_200_concurrent_submits_from_50_users_make_200_jobs_and_200_events(
+    server, data_dir
+) -> None:
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=server.url, timeout=60.0, limits=limits) as client:
+        users = await create_users(client, 50)
+        answers: list[httpx.Response] = []
+
+        async def submit(token: str, n: int) -> None:
+            answers.append(await client.post(
+                "/api/queue/submit", headers=auth(token),
+                json={"config_name": "cpu", "metadata": {"n": n}}))
+
+        async with anyio.create_task_group() as group:
+            for n in range(200):
+                group.start_soon(submit, users[n % 50][1], n)
+
+        assert [r.status_code for r in answers] == [201] * 200, [r.text for r in answers][:3]
+        job_ids = {r.json()["job_id"] for r in answers}
+        assert len(job_ids) == 200
+        listing = (await client.get("/api/queue", headers=auth(users[0][1]),
+                                    params={"limit": 500})).json()
+        assert {e["job_id"] for e in listing["entries"]} == job_ids
+        assert sorted(e["metadata"]["n"] for e in listing["entries"]) == list(range(200))
+        positions = sorted(e["position"] for e in listing["entries"] if e["position"])
+        assert positions == list(range(1, len(positions) + 1))
+
+    log = EventLog(data_dir / "events.db", readonly=True)
+    try:
+        submitted = [r for r in log.read() if r.type == "job.submitted"]
+        assert len(submitted) == 200
+        assert {r.event.job_id for r in submitted} == job_ids
+        per_user: dict[int, int] = {}
+        for recorded in submitted:
+            per_user[recorded.event.user_id] = per_user.get(recorded.event.user_id, 0) + 1
+        assert sorted(per_user) == sorted(user_id for user_id, _ in users)
+        assert set(per_user.values()) == {4}
+        assert log.verify() == log.last_seq
+    finally:
+        log.close()
+
+
+async def snapshot(client: httpx.AsyncClient, admin: str, tokens: list[str]) -> dict:
+    """What the API says about the queue: listing, stats, positions, each user's view."""
+    headers = auth(admin)
+    listing = (await client.get("/api/queue", headers=headers,
+                                params={"include_completed": "true", "limit": 500})).json()
+    pending = [e["job_id"] for e in listing["entries"] if e["status"] == "pending"]
+    positions = {}
+    for job_id in pending:
+        body = (await client.get(f"/api/queue/position/{job_id}", headers=headers)).json()
+        positions[job_id] = (body["position"], body["effective_priority"], body["queued_at"])
+    return {
+        "listing": listing,
+        "stats": (await client.get("/api/queue/stats", headers=headers)).json(),
+        "positions": positions,
+        "me": [(await client.get("/api/queue/me", headers=auth(t))).json() for t in tokens],
+        "settings": (await client.get("/api/queue/concurrency", headers=headers)).json(),
+    }
+
+
+async def test_after_sigkill_and_restart_the_api_returns_the_same_queue(server) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
+        users = await create_users(client, 4)  # admin, researcher, lead, viewer
+        admin = users[0][1]
+        tokens = [token for _, token in users]
+        await client.post("/api/queue/concurrency", headers=auth(admin),
+                          json={"local_job_max_concurrent": 2, "user_max_concurrent": 1})
+        for n in range(12):
+            token = tokens[n % 4]
+            body = {"config_name": "sleeper" if n % 3 else "cpu", "metadata": {"n": n}}
+            if n == 5:
+                body["requires_approval"] = True
+            response = await client.post("/api/queue/submit", headers=auth(token), json=body)
+            assert response.status_code == 201, response.text
+        listing = (await client.get("/api/queue", headers=auth(admin))).json()["entries"]
+        pending = [e["job_id"] for e in listing if e["status"] == "pending"]
+        await client.post(f"/api/queue/{pending[-1]}/cancel", headers=auth(admin))
+        await client.post(f"/api/queue/{pending[-2]}/priority", headers=auth(admin),
+                          json={"priority": 40})
+        before = await snapshot(client, admin, tokens)
+
+    assert before["stats"]["running"] == 2 and before["stats"]["queue_depth"] >= 5
+    assert before["stats"]["by_status"]["blocked"] == 1
+    server.kill()
+    server.start()
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
+        after = await snapshot(client, admin, tokens)
+    assert after["listing"] == before["listing"]
+    assert after["positions"] == before["positions"]
+    assert after["stats"] == before["stats"]
+    assert after["me"] == before["me"]
+    assert after["settings"] == before["settings"]
+
+
+def test_a_malformed_gpu_spec_is_one_line_and_exit_2(tmp_path) -> None:
+    write_configs(tmp_path / "data")
+    result = subprocess.run(
+        [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", "0",
+         "--data-dir", str(tmp_path / "data"), "--gpus", "4xA100"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("gpuyard: error: --gpus:") and "4xA100" in lines[0]
+    assert "Traceback" not in result.stderr
