@@ -97,6 +97,9 @@ class Actor(Struct, frozen=True, kw_only=True):
 
     @property
     def label(self) -> str:
+        """The actor as the log records it: ``user:<id>:<name>``, or the built-in's name."""
+        if self.user_id <= 0:
+            return self.name
         return f"user:{self.user_id}:{self.name}"
 
 
