@@ -11,8 +11,9 @@ SQLite log or an audit export by :mod:`service.audit`); nothing writes anywhere.
   ``at`` and runs one pass after them (and one right after a ``no_wait`` submit); a pass's
   ``job.dispatched`` events share their ``causation_id`` and ``at``, so consecutive
   dispatches with the same pair are one pass, decided on the state just before them.
-  Where ``at`` changes a commit has ended after a pass, so a pass there must find
-  nothing more to start: a log in which it would is reported too (``missed``).
+  Where ``at`` changes a commit has ended after a pass; when that pass started nothing,
+  a pass there must still find nothing to start: a log in which it would is reported too
+  (``missed``).
 - :func:`what_if` replays the recorded inputs (submissions, cancellations, approvals,
   rejections, priority and settings changes, GPU inventory) and each job's recorded run
   time under other settings, through the real pure core (``commands.handle``, the fold,
@@ -264,7 +265,7 @@ class CheckReport(Struct, kw_only=True):
     events: int = 0
     passes: int = 0  # recorded passes (groups of dispatches) re-decided
     dispatches: int = 0
-    commits: int = 0  # commit ends checked for missed dispatches
+    commits: int = 0  # commit ends without dispatches, checked for missed ones
     differences: list[Difference] = field(default_factory=list)
 
 
@@ -294,6 +295,8 @@ def check(records: Iterable[Recorded], progress: Progress | None = None) -> Chec
         group = None
 
     def commit_ended(last: Recorded) -> None:
+        if isinstance(last.event, JobDispatched):
+            return  # the commit ended with a pass that was re-decided just now
         report.commits += 1
         extra = _decided(state, last.at)
         if extra:
@@ -663,24 +666,32 @@ class _Simulation:
                 self.push(at + ending.duration, ending.seq, _FINISH, payload, None)
 
     def next_aging_step(self, now: float) -> float | None:
-        """When the next pending job's effective priority goes up (a pass may differ)."""
-        settings = self.state.settings
+        """When the next pending job's effective priority goes up (a pass may differ).
+
+        ``None`` when no pass before the next input could start anything anyway: nothing
+        waits, aging is off, or the global limit is reached.
+        """
+        state = self.state
+        settings = state.settings
         threshold = settings.starvation_threshold_minutes * 60.0
-        if settings.starvation_boost <= 0 or threshold <= 0:
+        if (settings.starvation_boost <= 0 or threshold <= 0
+                or state.running_total >= settings.max_concurrent):
             return None
         soonest: float | None = None
-        for levels in self.state.pending.levels.items():
-            (priority, _), keys = levels
+        for (priority, _), keys in state.pending.levels.items():
             if priority >= scheduler.URGENT:
                 continue
-            for queued_at, _, _ in keys:
+            for index in range(len(keys) - 1, -1, -1):  # newest first: older ones age first
+                queued_at = keys[index][0]
                 steps = math.floor((now - queued_at) / threshold)
                 if priority + settings.starvation_boost * steps >= scheduler.URGENT:
-                    continue
-                step_at = max(queued_at + (steps + 1) * threshold, math.nextafter(now, math.inf))
+                    break  # this one, and every older one in the level, is at Urgent
+                step_at = queued_at + (steps + 1) * threshold
                 if soonest is None or step_at < soonest:
                     soonest = step_at
-        return soonest
+        if soonest is None:
+            return None
+        return max(soonest, math.nextafter(now, math.inf))
 
     def run(self) -> None:
         for at, seq, kind, payload, actor in self.plan.items:

@@ -295,3 +295,17 @@ def test_server_down_is_one_line() -> None:
         line = one_error_line(gpuyard("--server", down, *args))
         assert "cannot reach the gpuyard server" in line
     assert not Path("/tmp/never.jsonl").exists()
+
+
+# ---------------------------------------------------------------- the server's own log
+
+
+def test_replay_check_agrees_with_the_live_servers_log(server) -> None:
+    """Everything the tests above did (submits, cancels, approvals, priority and limit
+    changes, jobs that ran) is in the server's log: the scheduler re-decides it all alike."""
+    db = server.data_dir / "events.db"
+    result = gpuyard("replay", "--db", str(db), "--check", "--format", "json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["differences"] == []
+    assert report["events"] > 0
