@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cli_runner import gpuyard, one_error_line
 from recorded_day import record_busy_day
-from scenario import ALICE, BOB, SCHEDULER, World
+from scenario import ALICE, BOB, DAVE, SCHEDULER, VIEWER, World
 
 from events.log import EventLog
 from events.types import JobCompleted, JobDispatched
@@ -214,6 +214,40 @@ def test_cli_what_if_side_by_side(day_db: Path) -> None:
     assert everyone["what_if"]["mean_seconds"] < everyone["recorded"]["mean_seconds"]
     table = gpuyard("replay", "--db", str(day_db), "--what-if", "max_concurrent=4")
     assert "mean wait (recorded)" in table.stdout and "GPU utilisation" in table.stdout
+
+
+def test_what_if_replays_aging_the_way_the_engine_ticks(tmp_path: Path) -> None:
+    """Vera's viewer job is held behind Alice's 2-GPU job until aging lifts it level with
+    hers (60 s steps); a tick pass then starts it on the free GPU. Without aging it waits
+    until Alice's job has run."""
+    world = World(gpu_count=2, local_job_max_concurrent=3, starvation_threshold_minutes=1.0)
+    world.submit(BOB, "r1", now=0.0, num_processes=1)
+    world.schedule(0.0)
+    world.submit(DAVE, "r2", now=0.0, num_processes=1)
+    world.schedule(0.0)
+    world.submit(VIEWER, "low", now=0.5, num_processes=1)
+    world.schedule(0.5)
+    world.submit(ALICE, "wide", now=1.0, num_processes=2)
+    world.schedule(1.0)
+    for at, job_id in ((2.0, "r2"), (60.5, None), (5000.0, "r1"), (6000.0, "low"),
+                       (7000.0, "wide")):
+        if job_id is not None:
+            world.record([JobCompleted(job_id=job_id)], "system:executor", at)
+        world.schedule(at)
+    assert world.state.jobs["low"].started_at == 60.5
+    log = records(write_log(world, tmp_path / "aging.db"))
+    assert check(log).differences == []
+
+    def wait_of(report, actor) -> float:  # type: ignore[no-untyped-def]
+        row = next(r for r in report.rows if r.name == str(actor.user_id))  # no user events
+        return row.what_if.mean_seconds
+
+    as_recorded = what_if(log, {})
+    assert wait_of(as_recorded, VIEWER) == pytest.approx(60.0)
+    assert wait_of(as_recorded, ALICE) == pytest.approx(5999.0)
+    no_aging = what_if(log, {"starvation_boost": 0})
+    assert wait_of(no_aging, ALICE) == pytest.approx(4999.0)  # starts when r1 ends
+    assert wait_of(no_aging, VIEWER) == pytest.approx(5999.5)  # after alice's 1000 s run
 
 
 def _busy_fixture() -> Path | None:
