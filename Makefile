@@ -6,8 +6,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA_DIR ?= $(or $(GPUYARD_DATA_DIR),data)
 GPUS ?= $(GPUYARD_GPUS)
+CHROMIUM ?= $(or $(GPUYARD_CHROMIUM),/usr/bin/chromium)
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +28,11 @@ run: $(VENV)/.installed-run
 lint: $(VENV)/.installed-test
 	$(BIN)/lint-imports
 
-test: lint
+# The panel's browser tests drive Debian's chromium through Playwright (never `playwright install`).
+browser:
+	@test -x $(CHROMIUM) || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: lint browser
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-run

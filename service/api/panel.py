@@ -29,7 +29,7 @@ from service.api.auth import CurrentActor
 from service.api.context import engine_of
 from service.api.errors import error_responses
 
-__all__ = ["panel_router", "PANEL_DIR", "WhoAmI", "PanelChanges"]
+__all__ = ["PANEL_DIR", "PanelChanges", "WhoAmI", "panel_router"]
 
 PANEL_DIR = Path(__file__).resolve().parent.parent / "panel"
 INDEX_FILE = PANEL_DIR / "index.html"

@@ -42,7 +42,8 @@
     seenUsers: new Set(), // user ids met in listings (leads have no user list)
     detail: null,      // what the detail dialog shows: {kind, jobId}
     timer: null,
-    polling: false,
+    polling: false,    // a tick is in flight
+    stale: false,      // what is shown no longer matches the filters or the token
   };
 
   const $ = (id) => document.getElementById(id);
@@ -422,7 +423,7 @@
       fillSettings(saved, true);
       message.className = "ok";
       message.textContent = `saved: ${Object.keys(changes).join(", ")}`;
-      await refresh();
+      reloadNow();
     } catch (err) {
       if (handleAuthError(err)) return;
       const placed = showFieldErrors(err);
@@ -506,7 +507,7 @@
       pendingAction = null;
       $("action-dialog").close();
       notice(done, "ok");
-      await refresh();
+      reloadNow();
     } catch (err) {
       if (handleAuthError(err)) { $("action-dialog").close(); return; }
       $("action-error").textContent = err.detail;
@@ -612,8 +613,8 @@
 
   function showSignedIn() {
     $("main").hidden = false;
-    $("auth").hidden = view.me.single_user_mode;
-    $("token-form").classList.toggle("compact", true);
+    $("auth").hidden = true;
+    $("sign-out").hidden = view.me.single_user_mode;
     $("auth-message").textContent = "";
   }
 
@@ -626,7 +627,7 @@
     $("main").hidden = true;
     $("who").hidden = true;
     $("auth").hidden = false;
-    $("token-form").classList.remove("compact");
+    $("sign-out").hidden = true;
     $("auth-message").textContent = token() ? `token not accepted: ${detail}` : "this server needs a token";
     document.body.dataset.level = "";
     document.body.dataset.seq = "";
@@ -645,7 +646,8 @@
     view.polling = true;
     try {
       const changes = await api("GET", "/api/panel/changes");
-      if (!view.me || changes.seq !== view.seq || Date.now() - view.lastFull > FULL_REFRESH_MS) {
+      if (!view.me || view.stale || changes.seq !== view.seq || Date.now() - view.lastFull > FULL_REFRESH_MS) {
+        view.stale = false; // a filter or token change during this refresh sets it again
         await refresh(changes.seq);
       }
       setLive(true);
@@ -656,7 +658,7 @@
       view.polling = false;
     }
     if (view.me) renderClocks();
-    schedule();
+    schedule(view.stale ? 0 : undefined);
   }
 
   function schedule(delay) {
@@ -664,8 +666,9 @@
     view.timer = setTimeout(tick, delay ?? (document.hidden ? HIDDEN_POLL_MS : POLL_MS));
   }
 
+  // The filters or the token changed: reload at once (or right after a reload in flight).
   function reloadNow() {
-    view.seq = null;
+    view.stale = true;
     if (!view.polling) schedule(0);
   }
 
@@ -680,11 +683,13 @@
       $("token-input").value = "";
       reloadNow();
     });
-    $("token-forget").addEventListener("click", () => {
+    const forget = () => {
       sessionStorage.removeItem(TOKEN_KEY);
       $("token-input").value = "";
       reloadNow();
-    });
+    };
+    $("token-forget").addEventListener("click", forget);
+    $("sign-out").addEventListener("click", forget);
     $("queue-rows").addEventListener("click", onRowAction);
     $("filter-status").addEventListener("change", reloadNow);
     $("filter-user").addEventListener("change", reloadNow);
