@@ -210,20 +210,28 @@
     return `needs ${entry.num_processes}`;
   }
 
-  function waitedText(row) {
+  // [time waited in the queue, time running or run] for a row, from its data attributes.
+  function waitedTexts(row) {
     const queued = Number(row.dataset.queuedAt);
     const started = row.dataset.startedAt ? Number(row.dataset.startedAt) : null;
     const completed = row.dataset.completedAt ? Number(row.dataset.completedAt) : null;
     const status = row.dataset.status;
     const now = serverNow();
-    if (status === "pending" || status === "blocked") return duration((now - queued) / 1000);
+    if (status === "pending" || status === "blocked") return [duration((now - queued) / 1000), ""];
     if (status === "running" && started !== null) {
-      return `${duration((started - queued) / 1000)} · running ${duration((now - started) / 1000)}`;
+      return [duration((started - queued) / 1000), `running ${duration((now - started) / 1000)}`];
     }
     if (started !== null && completed !== null) {
-      return `${duration((started - queued) / 1000)} · ran ${duration((completed - started) / 1000)}`;
+      return [duration((started - queued) / 1000), `ran ${duration((completed - started) / 1000)}`];
     }
-    return completed !== null ? duration((completed - queued) / 1000) : "–";
+    return [completed !== null ? duration((completed - queued) / 1000) : "–", ""];
+  }
+
+  function showWaited(row) {
+    const [waited, ran] = waitedTexts(row);
+    const cell = row.querySelector(".col-waited");
+    cell.querySelector(".waited").textContent = waited;
+    cell.querySelector(".elapsed").textContent = ran;
   }
 
   function renderRow(entry) {
@@ -243,7 +251,8 @@
       priorityCell(entry),
       statusCell(entry),
       el("td", { class: "col-gpus", "data-label": "GPUs", text: gpuText(entry) }),
-      el("td", { class: "col-waited", "data-label": "Waited" }),
+      el("td", { class: "col-waited", "data-label": "Waited" },
+        el("span", { class: "waited" }), el("span", { class: "elapsed note" })),
     );
     const actions = el("td", { class: "col-actions", "data-label": "Actions" });
     for (const action of allowedActions(entry)) {
@@ -254,7 +263,7 @@
       }));
     }
     row.append(actions);
-    row.querySelector(".col-waited").textContent = waitedText(row);
+    showWaited(row);
     return row;
   }
 
@@ -270,7 +279,7 @@
 
   function renderClocks() {
     for (const row of $("queue-rows").children) {
-      row.querySelector(".col-waited").textContent = waitedText(row);
+      showWaited(row);
     }
   }
 
