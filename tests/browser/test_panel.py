@@ -210,7 +210,12 @@ def test_a_viewer_sees_no_admin_actions_and_a_forged_call_gets_403(panel: Panel,
 
 
 def test_a_change_made_through_the_api_appears_without_a_reload(panel: Panel, page: Page) -> None:
+    blocked = panel.submit("sleeper", "rita", requires_approval=True)
     sign_in(page, panel, "lee")
+    # a lead may cancel and override anyone's job, but not approve, reject or change settings
+    actions = next(r["actions"] for r in shown_rows(page) if r["job_id"] == blocked)
+    assert actions == ["cancel", "priority", "explain", "logs"]
+    expect(page.locator("#settings")).to_be_hidden()
     page.evaluate("() => { window.notReloaded = true; }")
     requests: list[str] = []
     page.on("request", lambda request: requests.append(request.url))
