@@ -16,15 +16,15 @@ from typing import Annotated, Any
 
 import anyio
 from litestar import Request, Response, Router, get
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Stream
 from msgspec import Struct
 
 from projections import views
 from projections.state import QueueState
-from service.api.auth import check_can_view
+from service.api.auth import CurrentActor, check_can_view
 from service.api.errors import error_responses
-from service.commands import Actor, UnknownJob
+from service.commands import UnknownJob
 from service.executors.run_files import RunFiles, read_tail
 from service.gpus import Inventory, gpu_usage
 
@@ -32,6 +32,7 @@ __all__ = ["inventory_summary", "memory_percent", "system_router"]
 
 TEXT = "text/plain; charset=utf-8"
 CHUNK = 64 * 1024
+MAX_TAIL = 10_000_000
 
 
 class GpuUsage(Struct, kw_only=True):
@@ -123,7 +124,8 @@ def inventory_summary(state: QueueState) -> GpuInventorySummary:
 @get("/system/status", responses=error_responses(401, 422), summary="Machine status",
      tags=["system"])
 async def system_status(
-    request: Request[Any, Any, Any], actor: Actor, include_allocation: bool = False
+    request: Request[Any, Any, Any], actor: CurrentActor,
+    include_allocation: FromQuery[bool] = False,
 ) -> SystemStatus:
     """Load average, memory in use, per-GPU usage (from NVML; usage fields are null for a
     ``--gpus`` inventory), the recorded GPU inventory and, with ``include_allocation``,
@@ -168,9 +170,10 @@ async def _whole_file(path: Path) -> AsyncIterator[bytes]:
      summary="A job's output", tags=["queue"], media_type=TEXT)
 async def job_logs(
     request: Request[Any, Any, Any],
-    actor: Actor,
-    job_id: str,
-    tail: Annotated[int | None, Parameter(ge=1, description="only the last N lines")] = None,
+    actor: CurrentActor,
+    job_id: FromPath[str],
+    tail: Annotated[int | None, QueryParameter(ge=1, le=MAX_TAIL,
+                                               description="only the last N lines")] = None,
 ) -> Response[bytes] | Stream:
     """The job's combined stdout and stderr (every attempt), as text; empty before it runs.
     Your own jobs, or any job for leads and admins."""
