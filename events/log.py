@@ -133,33 +133,41 @@ class EventLog:
         self.last_seq = batch[-1].seq
         self.last_hash = batch[-1].hash
 
-    def rows(self, after_seq: int = 0, until_seq: int | None = None) -> Iterator[Row]:
-        """Raw rows in seq order (seq > after_seq, and <= until_seq when given)."""
+    def _select(self, after_seq: int, until_seq: int | None) -> apsw.Cursor:
         sql = f"SELECT {_COLUMNS} FROM events WHERE seq > ?"
         args: tuple[int, ...] = (after_seq,)
         if until_seq is not None:
             sql += " AND seq <= ?"
             args = (after_seq, until_seq)
+        return self._db.cursor().execute(sql + " ORDER BY seq", args)
+
+    def rows(self, after_seq: int = 0, until_seq: int | None = None) -> Iterator[Row]:
+        """Raw rows in seq order (seq > after_seq, and <= until_seq when given)."""
         try:
-            cursor = self._db.cursor().execute(sql + " ORDER BY seq", args)
-            for row in cursor:
-                yield row  # type: ignore[misc]
+            yield from self._select(after_seq, until_seq)  # type: ignore[misc]
         except apsw.Error as exc:
             raise LogError(f"reading the event log failed: {exc}") from exc
 
     def read(self, after_seq: int = 0, until_seq: int | None = None) -> Iterator[Recorded]:
         """Decoded events in seq order."""
-        for seq, at, type_, actor, corr, cause, data, digest in self.rows(after_seq, until_seq):
-            yield Recorded(
-                seq=seq,
-                at=at,
-                actor=actor,
-                correlation_id=corr,
-                causation_id=cause,
-                event=decode_event(type_, data),
-                data=data,
-                hash=digest,
-            )
+        decode = decode_event
+        try:
+            # one loop straight over the cursor: a replay reads a million rows here
+            for seq, at, type_, actor, corr, cause, data, digest in self._select(
+                after_seq, until_seq
+            ):
+                yield Recorded(
+                    seq=seq,
+                    at=at,
+                    actor=actor,
+                    correlation_id=corr,
+                    causation_id=cause,
+                    event=decode(type_, data),
+                    data=data,
+                    hash=digest,
+                )
+        except apsw.Error as exc:
+            raise LogError(f"reading the event log failed: {exc}") from exc
 
     def verify(self) -> int:
         """Check the whole chain; return the event count or raise :class:`ChainBroken`."""
