@@ -298,3 +298,39 @@ def test_replay_refuses_a_broken_chain_unless_told(day_db: Path, tmp_path: Path)
 )
 def test_cli_replay_errors_are_one_line(args: list[str], day_db: Path) -> None:
     one_error_line(gpuyard(*[a.replace("{db}", str(day_db)) for a in args]))
+
+
+def test_a_progress_bar_on_a_terminal_only(day_db: Path) -> None:
+    import os
+    import pty
+    import subprocess
+    import sys
+    import threading
+
+    from cli_runner import REPO
+
+    command = [sys.executable, "-m", "service.cli", "replay", "--db", str(day_db), "--what-if",
+               "max_concurrent=3", "--format", "json"]
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=secondary,
+                            stdin=subprocess.DEVNULL)
+    os.close(secondary)
+    drawn = bytearray()
+
+    def pump() -> None:
+        try:
+            while chunk := os.read(primary, 65536):
+                drawn.extend(chunk)
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    out, _ = proc.communicate(timeout=60)
+    reader.join(timeout=5)
+    os.close(primary)
+    assert proc.returncode == 0
+    assert json.loads(out)["overrides"] == {"max_concurrent": 3}  # stdout stays clean JSON
+    assert b"replaying" in drawn
+    piped = gpuyard("replay", "--db", str(day_db), "--what-if", "max_concurrent=3")
+    assert piped.returncode == 0 and piped.stderr == ""
