@@ -7,11 +7,11 @@ exist (404), or the server's own ``detail`` for any other refusal.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 import sys
 import types
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 
 def _import_httpx() -> types.ModuleType:
@@ -38,7 +38,10 @@ def _import_httpx() -> types.ModuleType:
     return httpx
 
 
-httpx = _import_httpx()
+if TYPE_CHECKING:
+    import httpx
+else:
+    httpx = _import_httpx()
 
 __all__ = ["DEFAULT_URL", "Client", "ClientError"]
 

@@ -536,10 +536,9 @@ def _submit_input(event: JobSubmitted, state: QueueState, at: float) -> tuple[Su
 def _ending(job: JobEntry, event: AnyEvent, seq: int, at: float) -> _Ending | None:
     duration = at - (job.started_at if job.started_at is not None else at)
     match event:
-        case JobCompleted():
-            return _Ending(duration, seq, ReportExited(job_id=job.job_id, exit_code=event.exit_code))
-        case JobFailed() if event.exit_code is not None:
-            return _Ending(duration, seq, ReportExited(job_id=job.job_id, exit_code=event.exit_code))
+        case JobCompleted() | JobFailed() if event.exit_code is not None:
+            exited = ReportExited(job_id=job.job_id, exit_code=event.exit_code)
+            return _Ending(duration, seq, exited)
         case JobFailed():
             command = ReportFailed(job_id=job.job_id, error=event.error, retryable=event.retryable)
             return _Ending(duration, seq, command)
@@ -706,13 +705,14 @@ class _Simulation:
             while heap and heap[0][0] == now:
                 _, _, _, kind, payload, actor = heapq.heappop(heap)
                 if kind == _COMMAND:
-                    self.execute(payload, actor, now)
+                    self.execute(payload, actor or LOCAL_ADMIN, now)
                     self.progress.advance()
                 elif kind == _FACT:
                     self.fact(payload, now)
                     self.progress.advance()
                 else:
-                    self.finish(*payload, now)
+                    job_id, attempt, command = payload
+                    self.finish(job_id, attempt, command, now)
             self.schedule(now)
             step = self.next_aging_step(now)
             while step is not None and heap and step < heap[0][0]:
