@@ -156,12 +156,14 @@ async def system_status(
     )
 
 
-async def _whole_file(path: Path) -> AsyncIterator[bytes]:
+async def _whole_file(path: Path, offset: int = 0) -> AsyncIterator[bytes]:
     try:
         handle = await anyio.open_file(path, "rb")
     except FileNotFoundError:
         return
     async with handle:
+        if offset:
+            await handle.seek(offset)
         while chunk := await handle.read(CHUNK):
             yield chunk
 
@@ -174,6 +176,8 @@ async def job_logs(
     job_id: FromPath[str],
     tail: Annotated[int | None, QueryParameter(ge=1, le=MAX_TAIL,
                                                description="only the last N lines")] = None,
+    offset: Annotated[int | None, QueryParameter(
+        ge=0, description="skip this many bytes (what a follower has already printed)")] = None,
 ) -> Response[bytes] | Stream:
     """The job's combined stdout and stderr (every attempt), as text; empty before it runs.
     Your own jobs, or any job for leads and admins."""
@@ -184,7 +188,7 @@ async def job_logs(
     check_can_view(actor, job)
     path = RunFiles(Path(runtime.data_dir) / "runs", job_id).output
     if tail is None:
-        return Stream(_whole_file(path), media_type=TEXT)
+        return Stream(_whole_file(path, offset or 0), media_type=TEXT)
     content = await anyio.to_thread.run_sync(read_tail, path, tail)
     return Response(content, media_type=TEXT)
 
