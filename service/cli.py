@@ -419,25 +419,32 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
 
 
 def _follow_once(api: Client, path: str, printed: int, tail: int | None) -> int:
-    """Print the output past byte ``printed`` (or its last ``tail`` lines); return its size."""
+    """Print the output past byte ``printed`` (or its last ``tail`` lines); return its size.
+
+    The server sends only the bytes after ``offset``: following a long log costs what it
+    grows by, not its size, per poll.
+    """
     out = sys.stdout.buffer
-    seen = 0
-    last_lines: deque[bytes] = deque(maxlen=tail or 1)
+    if tail is None:
+        with api.stream(path, offset=printed or None) as chunks:
+            for chunk in chunks:
+                out.write(chunk)
+                printed += len(chunk)
+        out.flush()
+        return printed
+    size = 0
+    last_lines: deque[bytes] = deque(maxlen=tail)
     partial = b""
     with api.stream(path) as chunks:
         for chunk in chunks:
-            if tail is not None:
-                *lines, partial = (partial + chunk).split(b"\n")
-                last_lines.extend(line + b"\n" for line in lines)
-            elif seen + len(chunk) > printed:
-                out.write(chunk[max(0, printed - seen):])
-            seen += len(chunk)
-    if tail is not None:
-        if partial:
-            last_lines.append(partial)
-        out.write(b"".join(last_lines))
+            *lines, partial = (partial + chunk).split(b"\n")
+            last_lines.extend(line + b"\n" for line in lines)
+            size += len(chunk)
+    if partial:
+        last_lines.append(partial)
+    out.write(b"".join(last_lines))
     out.flush()
-    return max(seen, printed)
+    return size
 
 
 def _print_explanation(answer: dict[str, Any]) -> None:
