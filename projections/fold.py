@@ -65,14 +65,14 @@ def fold(records: Iterable[Recorded], state: QueueState | None = None) -> QueueS
     state = state if state is not None else QueueState()
     state.pending.enabled = False
     folds = _FOLDS
+    recorded = None
     with paused_gc():
         for recorded in records:
             event = recorded.event
-            seq = recorded.seq
-            at = recorded.at
-            state.last_seq = seq
-            state.last_at = at
-            folds[type(event)](state, event, seq, at)
+            folds[type(event)](state, event, recorded.seq, recorded.at)
+        if recorded is not None:  # no fold reads these, so they are set once, at the end
+            state.last_seq = recorded.seq
+            state.last_at = recorded.at
         state.pending.rebuild(state.pending_jobs())
     return state
 
@@ -136,8 +136,33 @@ def _leave_queue(state: QueueState, job: JobEntry) -> None:
 
 
 def _finish(state: QueueState, job: JobEntry, status: Status, at: float) -> None:
-    _leave_queue(state, job)
-    _set_status(state, job, status)
+    if job.status == "running":  # the common end: `_release` and `_set_status`, inlined
+        job_id = job.job_id
+        user_id = job.user_id
+        del state.running[job_id]
+        state.user_running[user_id] -= 1
+        if job.team_id is not None:
+            state.team_running[job.team_id] -= 1
+        if job.spec.target == "local":
+            state.local_running -= 1
+        if job.allocated_gpus:
+            holder = state.gpu_holder
+            for index in job.allocated_gpus:
+                if holder.get(index) == job_id:
+                    del holder[index]
+        counts = state.status_counts
+        counts["running"] -= 1
+        counts[status] += 1
+        job.status = status  # every end status is inactive
+        active = state.user_active
+        left = active.get(user_id, 0) - 1
+        if left:
+            active[user_id] = left
+        else:
+            active.pop(user_id, None)
+    else:
+        _leave_queue(state, job)
+        _set_status(state, job, status)
     job.completed_at = at
 
 
@@ -163,21 +188,35 @@ def _submitted(state: QueueState, event: JobSubmitted, seq: int, at: float) -> N
         idempotency_key=event.idempotency_key,
         request_hash=event.request_hash,
     )
-    state.jobs[job.job_id] = job
-    state.status_counts[job.status] += 1
+    job_id = event.job_id
+    state.jobs[job_id] = job
     if blocked:
-        state.blocked[job.job_id] = None
+        state.status_counts["blocked"] += 1
+        state.blocked[job_id] = None
     else:
-        state.user_active[job.user_id] = state.user_active.get(job.user_id, 0) + 1
-        state.pending.add(job)
+        state.status_counts["pending"] += 1
+        active = state.user_active
+        active[event.user_id] = active.get(event.user_id, 0) + 1
+        pending = state.pending
+        if pending.enabled:
+            pending.add(job)
     if event.idempotency_key is not None:
-        state.idempotency[(event.user_id, event.idempotency_key)] = job.job_id
+        state.idempotency[(event.user_id, event.idempotency_key)] = job_id
 
 
 def _dispatched(state: QueueState, event: JobDispatched, seq: int, at: float) -> None:
     job = state.jobs[event.job_id]
-    state.pending.remove(job)
-    _set_status(state, job, "running")
+    pending = state.pending
+    if job.status == "pending":  # the common start: `_set_status`, inlined
+        if pending.enabled:
+            pending.remove(job)
+        counts = state.status_counts
+        counts["pending"] -= 1
+        counts["running"] += 1
+        job.status = "running"
+    else:
+        pending.remove(job)
+        _set_status(state, job, "running")
     job.started_at = at
     job.allocated_gpus = event.gpus
     job.worker_id = event.worker_id
@@ -185,8 +224,10 @@ def _dispatched(state: QueueState, event: JobDispatched, seq: int, at: float) ->
     state.running[job.job_id] = None
     user_running = state.user_running
     user_running[job.user_id] = user_running.get(job.user_id, 0) + 1
-    if job.team_id is not None:
-        state.team_running[job.team_id] = state.team_running.get(job.team_id, 0) + 1
+    team_id = job.team_id
+    if team_id is not None:
+        team_running = state.team_running
+        team_running[team_id] = team_running.get(team_id, 0) + 1
     if job.spec.target == "local":
         state.local_running += 1
     if event.gpus:
