@@ -112,14 +112,23 @@ class PendingIndex:
     def add(self, job: JobEntry) -> None:
         if not self.enabled:
             return
-        level = job.level
-        key = job.order_key
-        self.levels.setdefault(level, SortedList()).add(key)
-        mine = self.by_user.setdefault((job.user_id, level), SortedList())
+        # `job.level` and `job.order_key`, spelled out: this runs twice per submission
+        p = job.priority if job.priority_override is None else job.priority_override
+        level = (p, job.spec.num_processes > 0)
+        key = (job.queued_at, job.submit_seq, job.job_id)
+        jobs = self.levels.get(level)
+        if jobs is None:
+            jobs = self.levels[level] = SortedList()
+        jobs.add(key)
+        mine = self.by_user.get((job.user_id, level))
+        if mine is None:
+            mine = self.by_user[(job.user_id, level)] = SortedList()
         old_head = mine[0] if mine else None
         mine.add(key)
-        if mine[0] != old_head:
-            heads = self.heads.setdefault(level, SortedList())
+        if old_head is None or key < old_head:  # the job heads its user's stream now
+            heads = self.heads.get(level)
+            if heads is None:
+                heads = self.heads[level] = SortedList()
             if old_head is not None:
                 heads.remove(old_head)
             heads.add(key)
@@ -127,8 +136,9 @@ class PendingIndex:
     def remove(self, job: JobEntry) -> None:
         if not self.enabled:
             return
-        level = job.level
-        key = job.order_key
+        p = job.priority if job.priority_override is None else job.priority_override
+        level = (p, job.spec.num_processes > 0)
+        key = (job.queued_at, job.submit_seq, job.job_id)
         jobs = self.levels[level]
         jobs.remove(key)
         if not jobs:
