@@ -35,7 +35,7 @@ from anyio.abc import TaskGroup
 from events.envelope import Recorded, seal
 from events.log import EventLog, LogError
 from events.types import AnyEvent
-from projections.fold import apply_event
+from projections.fold import apply_event, paused_gc
 from projections.state import QueueState
 from service import scheduler
 from service.commands import (
@@ -73,13 +73,15 @@ class Committed:
 
 
 class _Request:
-    __slots__ = ("command", "actor", "correlation_id", "done", "result", "error")
+    __slots__ = ("command", "actor", "correlation_id", "batch_done", "answered", "result", "error")
 
     def __init__(self, command: Command, actor: Actor, correlation_id: str | None) -> None:
         self.command = command
         self.actor = actor
         self.correlation_id = correlation_id
-        self.done = anyio.Event()
+        # One event per batch, not per request: set once every request in it is answered.
+        self.batch_done: anyio.Event | None = None  # the write loop sets it on taking one
+        self.answered = False
         self.result: Committed | None = None
         self.error: BaseException | None = None
 
@@ -90,11 +92,12 @@ Subscriber = Callable[[list[Recorded]], None]
 def _replay(log_: EventLog) -> tuple[QueueState, QueueState]:
     front, back = QueueState(), QueueState()
     front.pending.enabled = back.pending.enabled = False
-    for recorded in log_.read():
-        apply_event(front, recorded.event, recorded.seq, recorded.at)
-        apply_event(back, recorded.event, recorded.seq, recorded.at)
-    for state in (front, back):
-        state.pending.rebuild(state.pending_jobs())
+    with paused_gc():
+        for recorded in log_.read():
+            apply_event(front, recorded.event, recorded.seq, recorded.at)
+            apply_event(back, recorded.event, recorded.seq, recorded.at)
+        for state in (front, back):
+            state.pending.rebuild(state.pending_jobs())
     return front, back
 
 
@@ -117,6 +120,7 @@ class Engine:
         self._send, self._receive = anyio.create_memory_object_stream[_Request](math.inf)
         self._subscribers: list[Subscriber] = []
         self._committed = anyio.Event()
+        self._next_done: anyio.Event | None = None  # the next batch's; made in the loop
         self._task_group: TaskGroup | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -153,7 +157,13 @@ class Engine:
         """
         request = _Request(command, actor, correlation_id)
         self._send.send_nowait(request)
-        await request.done.wait()
+        while not request.answered:
+            # the event of the batch that holds it; until one does, the next batch's (a
+            # request left over by a full batch wakes once for nothing, and waits again)
+            done = request.batch_done or self._next_done
+            if done is None:
+                done = self._next_done = anyio.Event()
+            await done.wait()
         if request.error is not None:
             raise request.error
         assert request.result is not None
@@ -183,7 +193,11 @@ class Engine:
                         batch.append(self._receive.receive_nowait())
                     except anyio.WouldBlock:
                         break
-                await self._run_batch(batch)
+                done = self._next_done or anyio.Event()
+                self._next_done = anyio.Event()
+                for request in batch:
+                    request.batch_done = done
+                await self._run_batch(batch, done)
 
     def _now(self) -> float:
         return max(self.clock(), self.state.last_at, self._work.last_at)
@@ -222,7 +236,7 @@ class Engine:
             return []
         return self._seal_all(list(dispatches), SCHEDULER_ACTOR, correlation_id, cause, now, into)
 
-    async def _run_batch(self, batch: list[_Request]) -> None:
+    async def _run_batch(self, batch: list[_Request], done: anyio.Event) -> None:
         self._catch_up()
         now = self._now()
         records: list[Recorded] = []
@@ -267,14 +281,16 @@ class Engine:
                     request.error = request.error or EngineUnavailable(
                         "the event log could not be written; nothing was changed, try again"
                     )
-                    request.done.set()
+                    request.answered = True
+                done.set()
                 return
             self.state, self._work = self._work, self.state
             self._missed = records
         for request, outcome, mine in answers:
             if outcome is not None:
                 request.result = Committed(outcome, mine)
-            request.done.set()
+            request.answered = True
+        done.set()
         if records:
             committed, self._committed = self._committed, anyio.Event()
             committed.set()
