@@ -343,6 +343,25 @@ def test_a_scheduling_pass(case: PassCase) -> None:
     world.assert_replay_equal()
 
 
+def test_a_reservation_holds_for_the_rest_of_its_pass() -> None:
+    """The waiting job reserves the GPUs when the pass reaches it. Its own user's CPU-only
+    job may then take the user's last slot; the reservation still holds for this pass,
+    and the next pass (the holder now waits for its user limit) gives the GPU away."""
+    world = World(3, local_job_max_concurrent=4)
+    world.submit(LEAD, "lead", now=0.0, num_processes=1)
+    world.submit(BOB, "bob-1gpu", now=0.0, num_processes=1)
+    world.submit(BOB, "bob-2gpu", now=0.0, num_processes=2)
+    world.submit(ALICE, "alice-1gpu", now=0.0, num_processes=1)
+    world.submit(BOB, "bob-cpu", now=0.0, num_processes=0)
+
+    assert world.schedule(0.0) == ["lead", "bob-1gpu", "bob-cpu"]
+    assert world.state.free_gpus() == [2]
+    assert world.reason("bob-2gpu", 0.0) == "user_limit"
+    assert world.reason("alice-1gpu", 0.0) == "ready"
+    assert world.schedule(0.0) == ["alice-1gpu"]
+    assert world.gpus_of("alice-1gpu") == (2,)
+
+
 def test_seed_fair_share_example() -> None:
     """The seed's table, corrected: carol's third job waits for her user limit (5 < 6)."""
     world = World(max_concurrent=6, user_max_concurrent=2, team_max_concurrent=3,
