@@ -45,7 +45,7 @@ def decode_event(type_: str, data: bytes) -> AnyEvent:
         decoder = _DECODERS.get(type_)
         if decoder is not None:
             try:
-                return decoder.decode(data)  # type: ignore[no-any-return]
+                return decoder.decode(data)  # type: ignore[no-any-return,return-value]
             except msgspec.DecodeError:
                 pass  # not that type after all: the union decides (or names the error)
         return _DECODER.decode(data)
