@@ -258,14 +258,15 @@ class Engine:
                 outcome.events, request.actor.label, request.correlation_id, None, now, records
             )
             command = request.command
-            if isinstance(command, Submit) and command.no_wait and outcome.events:
+            kind = type(command)  # commands are final Structs; isinstance misses are slow
+            if type(command) is Submit and command.no_wait and outcome.events:
                 # its answer promised a start: give it the pass before anyone else acts
                 self._schedule(now, records, request.correlation_id)
-            if isinstance(command, Process):
+            if kind is Process:
                 # a pass of its own, so that its answer can name what it dispatched
                 mine = mine + self._schedule(now, records, request.correlation_id)
-            wants_pass = wants_pass or bool(outcome.events) or isinstance(
-                command, (Process, ExpireApprovals)
+            wants_pass = (
+                wants_pass or bool(outcome.events) or kind is Process or kind is ExpireApprovals
             )
             answers.append((request, outcome, mine))
         if wants_pass:
