@@ -24,8 +24,12 @@ OrderKey = tuple[float, int, str]  # (queued_at, submit seq, job_id)
 StreamLevel = tuple[int, bool]  # (base priority p, needs GPUs)
 
 
-class JobEntry(Struct, kw_only=True):
-    """One job as the queue sees it (mutable: only the fold writes to it)."""
+class JobEntry(Struct, kw_only=True, gc=False):
+    """One job as the queue sees it (mutable: only the fold writes to it).
+
+    ``gc=False``: the cyclic collector never walks the (many, long-lived) entries; they
+    hold only a spec, metadata and scalars, so they can never be part of a cycle.
+    """
 
     job_id: str
     user_id: int
