@@ -7,6 +7,7 @@ from a plain dict parsed out of an export.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,18 @@ def decode_event(type_: str, data: bytes) -> AnyEvent:
         return _DECODER.decode(data)
     raw = msgspec.json.decode(data)
     return msgspec.convert(upcast(raw), AnyEvent)  # type: ignore[arg-type]
+
+
+def decoder_for(type_: str) -> Callable[[bytes], AnyEvent]:
+    """:func:`decode_event` for many bytes stored under ``type_``, without its lookups.
+
+    Where ``decode_event`` would fall back on the union (bytes not of ``type_`` after
+    all), this raises ``msgspec.DecodeError``: the caller then asks ``decode_event``.
+    """
+    decoder = _DECODERS.get(type_)
+    if decoder is None or type_ in UPCASTERS:
+        return functools.partial(decode_event, type_)
+    return decoder.decode  # type: ignore[no-any-return,return-value]
 
 
 def event_to_builtins(event: Event) -> dict[str, Any]:

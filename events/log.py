@@ -7,13 +7,15 @@ and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import apsw
+import msgspec
 
-from events.codec import decode_event
+from events.codec import decode_event, decoder_for
 from events.envelope import GENESIS_HASH, Recorded, canonical_bytes, chain_hash
+from events.types import AnyEvent
 
 __all__ = ["EventLog", "LogError", "LogConflict", "ChainBroken", "verify_rows"]
 
@@ -150,19 +152,26 @@ class EventLog:
 
     def read(self, after_seq: int = 0, until_seq: int | None = None) -> Iterator[Recorded]:
         """Decoded events in seq order."""
-        decode = decode_event
+        decoders: dict[str, Callable[[bytes], AnyEvent]] = {}
         try:
             # one loop straight over the cursor: a replay reads a million rows here
             for seq, at, type_, actor, corr, cause, data, digest in self._select(
                 after_seq, until_seq
             ):
+                decode = decoders.get(type_)
+                if decode is None:
+                    decode = decoders[type_] = decoder_for(type_)
+                try:
+                    event = decode(data)
+                except msgspec.DecodeError:
+                    event = decode_event(type_, data)  # the bytes are not of their type
                 yield Recorded(
                     seq=seq,
                     at=at,
                     actor=actor,
                     correlation_id=corr,
                     causation_id=cause,
-                    event=decode(type_, data),
+                    event=event,
                     data=data,
                     hash=digest,
                 )
