@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from events.envelope import Recorded  # noqa: E402
-from events.export import row_to_export  # noqa: E402
-from events.log import EventLog  # noqa: E402
-from events.types import GpuDevice, JobCancelRequested, JobDispatched  # noqa: E402
-from service.commands import (  # noqa: E402
+from events.envelope import Recorded
+from events.export import row_to_export
+from events.log import EventLog
+from events.types import GpuDevice, JobCancelRequested, JobDispatched
+from service.commands import (
     SYSTEM,
     Actor,
     Approve,
@@ -63,7 +63,7 @@ from service.commands import (  # noqa: E402
     SetPriority,
     Submit,
 )
-from service.engine import Engine  # noqa: E402
+from service.engine import Engine
 
 DAY_START = 1_767_254_400.0  # 2026-01-01T08:00:00Z
 MINUTE = 60.0

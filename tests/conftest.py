@@ -11,7 +11,7 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:  # helper modules (scenario, snapshot_serializer) work in any
     sys.path.insert(0, str(TESTS))  # import mode, not only pytest's default "prepend"
 
-from snapshot_serializer import StructJSONExtension  # noqa: E402
+from snapshot_serializer import StructJSONExtension
 
 REPO = TESTS.parent
 FIXTURES = REPO / "fixtures"

@@ -343,12 +343,20 @@ def held_by_a_limit(state: QueueState, job: JobEntry) -> bool:
     running = [state.jobs[job_id] for job_id in state.running]
     if sum(other.user_id == job.user_id for other in running) >= s.user_max_concurrent:
         return True
-    if s.enable_fair_share and job.team_id is not None:
-        if sum(other.team_id == job.team_id for other in running) >= s.team_max_concurrent:
-            return True
+    team = sum(other.team_id == job.team_id for other in running)
+    if s.enable_fair_share and job.team_id is not None and team >= s.team_max_concurrent:
+        return True
     limit = s.local_gpu_max_concurrent
     allocated = sum(len(other.allocated_gpus) for other in running)
     return limit is not None and allocated + job.spec.num_processes > limit
+
+
+def pick_gpus(job: JobEntry, usable: set[int]) -> tuple[int, ...] | None:
+    """Its ``device_ids`` when all are usable (unless ``any_gpu``), else the lowest usable."""
+    spec = job.spec
+    if spec.device_ids and not spec.any_gpu:
+        return spec.device_ids if set(spec.device_ids) <= usable else None
+    return tuple(sorted(usable)[: spec.num_processes]) if len(usable) >= spec.num_processes else None
 
 
 def reference_pass(state: QueueState, now: float) -> PassPlan:
@@ -368,45 +376,41 @@ def reference_pass(state: QueueState, now: float) -> PassPlan:
             break
         if per_user[job.user_id] >= s.user_max_concurrent:
             continue
-        if s.enable_fair_share and job.team_id is not None:
-            if per_team[job.team_id] >= s.team_max_concurrent:
-                continue
-        need = job.spec.num_processes
-        exact = bool(job.spec.device_ids) and not job.spec.any_gpu
-        chosen: tuple[int, ...] = ()
-        if local >= s.local_job_max_concurrent:
+        team = job.team_id
+        if s.enable_fair_share and team is not None and per_team[team] >= s.team_max_concurrent:
             continue
-        if need:
+        need = job.spec.num_processes
+        is_local = job.spec.target == "local"
+        chosen: tuple[int, ...] | None = ()
+        if is_local and local >= s.local_job_max_concurrent:
+            continue
+        if is_local and need:
             limit = s.local_gpu_max_concurrent
             if limit is not None and allocated + need > limit:
                 continue
-
-            def pick(usable: set[int]) -> tuple[int, ...] | None:
-                if exact:
-                    wanted = set(job.spec.device_ids or ())
-                    return tuple(job.spec.device_ids or ()) if wanted <= usable else None
-                return tuple(sorted(usable)[:need]) if len(usable) >= need else None
-
-            if pick(free) is None:  # waits for GPUs: the first such job reserves them
+            if pick_gpus(job, free) is None:  # waits for GPUs: the first such job reserves
                 if reservation is None:
+                    exact = bool(job.spec.device_ids) and not job.spec.any_gpu
                     devices = frozenset(job.spec.device_ids or ()) if exact else ALL_GPUS
                     reservation = Reservation(job, devices)
                 continue
-            if reservation is not None and reservation.devices == ALL_GPUS:
+            if reservation is None:
+                chosen = pick_gpus(job, free)
+            elif reservation.devices != ALL_GPUS:
+                chosen = pick_gpus(job, free - set(reservation.devices))
+            else:
+                chosen = None
+            if chosen is None:
                 continue
-            usable = free - set(reservation.devices) if reservation is not None else free
-            found = pick(usable)  # type: ignore[arg-type]
-            if found is None:
-                continue
-            chosen = found
         starts.append((job.job_id, chosen, reservation))
         total += 1
         per_user[job.user_id] += 1
-        if job.team_id is not None:
-            per_team[job.team_id] += 1
-        local += 1
-        allocated += len(chosen)
-        free -= set(chosen)
+        if team is not None:
+            per_team[team] += 1
+        if is_local:
+            local += 1
+            allocated += len(chosen)
+            free -= set(chosen)
     return PassPlan(starts, reservation)
 
 

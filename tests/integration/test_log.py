@@ -15,7 +15,7 @@ import pytest
 from events.envelope import GENESIS_HASH, Recorded, seal
 from events.export import row_from_export, row_to_export
 from events.log import ChainBroken, EventLog, LogConflict, LogError, verify_rows
-from events.types import AnyEvent, JobSpec, JobSubmitted, SettingsChanged, Settings, UserCreated
+from events.types import AnyEvent, JobSpec, JobSubmitted, Settings, SettingsChanged, UserCreated
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,9 +128,8 @@ def test_update_or_delete_through_sql_fails(log_path: Path, sql: str) -> None:
     written = filled_log(log_path, 30)
 
     other = sqlite3.connect(log_path)
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        with other:
-            other.execute(sql)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"), other:
+        other.execute(sql)
     other.close()
 
     log = EventLog(log_path)

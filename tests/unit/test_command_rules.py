@@ -56,18 +56,18 @@ def refused(world: World, error: type[DomainError], command: Any, actor: Any, no
 @pytest.mark.parametrize(
     ("actor", "options", "settings", "blocked"),
     [
-        pytest.param(ALICE, dict(requires_approval=True), {}, True, id="requested"),
-        pytest.param(ADMIN, dict(requires_approval=True), {}, True, id="requested-by-admin"),
-        pytest.param(ALICE, dict(estimated_cost=50.01), {}, True, id="cost-over-threshold"),
-        pytest.param(LEAD, dict(estimated_cost=60.0), {}, True, id="lead-not-exempt"),
-        pytest.param(ALICE, dict(estimated_cost=50.0), {}, False, id="cost-at-threshold"),
-        pytest.param(ALICE, dict(estimated_cost=10.0), {}, False, id="cost-under-threshold"),
-        pytest.param(ADMIN, dict(estimated_cost=1000.0), {}, False, id="admin-exempt-from-cost"),
-        pytest.param(ALICE, dict(estimated_cost=60.0), {"approval_cost_threshold": 100.0},
+        pytest.param(ALICE, {"requires_approval": True}, {}, True, id="requested"),
+        pytest.param(ADMIN, {"requires_approval": True}, {}, True, id="requested-by-admin"),
+        pytest.param(ALICE, {"estimated_cost": 50.01}, {}, True, id="cost-over-threshold"),
+        pytest.param(LEAD, {"estimated_cost": 60.0}, {}, True, id="lead-not-exempt"),
+        pytest.param(ALICE, {"estimated_cost": 50.0}, {}, False, id="cost-at-threshold"),
+        pytest.param(ALICE, {"estimated_cost": 10.0}, {}, False, id="cost-under-threshold"),
+        pytest.param(ADMIN, {"estimated_cost": 1000.0}, {}, False, id="admin-exempt-from-cost"),
+        pytest.param(ALICE, {"estimated_cost": 60.0}, {"approval_cost_threshold": 100.0},
                      False, id="threshold-raised"),
-        pytest.param(ALICE, dict(estimated_cost=0.5), {"approval_cost_threshold": 0.0},
+        pytest.param(ALICE, {"estimated_cost": 0.5}, {"approval_cost_threshold": 0.0},
                      True, id="threshold-zero"),
-        pytest.param(ALICE, dict(), {}, False, id="no-cost-no-approval"),
+        pytest.param(ALICE, {}, {}, False, id="no-cost-no-approval"),
     ],
 )
 def test_approval_rules(
@@ -189,9 +189,9 @@ def test_no_wait_that_can_start_is_queued_and_starts() -> None:
 @pytest.mark.parametrize(
     ("local_jobs", "options", "reason"),
     [
-        pytest.param(2, dict(num_processes=2), "gpus_busy", id="gpus-busy"),
-        pytest.param(1, dict(num_processes=0), "local_job_limit", id="local-job-limit"),
-        pytest.param(2, dict(num_processes=1, requires_approval=True), None,
+        pytest.param(2, {"num_processes": 2}, "gpus_busy", id="gpus-busy"),
+        pytest.param(1, {"num_processes": 0}, "local_job_limit", id="local-job-limit"),
+        pytest.param(2, {"num_processes": 1, "requires_approval": True}, None,
                      id="needs-approval"),
     ],
 )
@@ -213,10 +213,10 @@ def test_no_wait_that_cannot_start_is_rejected_and_nothing_is_queued(
 @pytest.mark.parametrize(
     ("options", "status"),
     [
-        pytest.param(dict(num_processes=1), "running", id="would-start"),
-        pytest.param(dict(num_processes=2), "queued", id="would-wait"),
-        pytest.param(dict(num_processes=1, requires_approval=True), "blocked", id="would-block"),
-        pytest.param(dict(num_processes=1, estimated_cost=75.0), "blocked", id="cost-blocks"),
+        pytest.param({"num_processes": 1}, "running", id="would-start"),
+        pytest.param({"num_processes": 2}, "queued", id="would-wait"),
+        pytest.param({"num_processes": 1, "requires_approval": True}, "blocked", id="would-block"),
+        pytest.param({"num_processes": 1, "estimated_cost": 75.0}, "blocked", id="cost-blocks"),
     ],
 )
 def test_dry_run_writes_nothing(options: dict[str, Any], status: str) -> None:
