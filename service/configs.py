@@ -1,7 +1,10 @@
 """Job configs: TOML files ``<data-dir>/configs/<name>.toml`` (SPEC section 2).
 
 A config is read with :mod:`tomllib` into :class:`service.commands.ConfigSpec`; a file is
-parsed again only when its size or modification time changes. ``put`` writes TOML
+parsed again only when its size or modification time changes, and looked at (``stat``)
+at most once per ``recheck_seconds`` (1 s): a system call costs tens of microseconds on
+a small VM and every submission resolves a config. An edit made to a file directly is
+therefore seen within a second; a ``put`` is seen at once. ``put`` writes TOML
 atomically (temporary file, fsync, rename) after checking that it reads back to the
 same config. An unknown name is :class:`UnknownConfig` (404); a file that does not parse
 or holds wrong fields is :class:`InvalidRequest` (422) whose detail names the file.
@@ -13,6 +16,7 @@ import math
 import os
 import re
 import tempfile
+import time
 import tomllib
 from pathlib import Path
 
@@ -96,13 +100,18 @@ def _parse(name: str, path: Path, raw: bytes) -> ConfigSpec:
     return check_config(name, spec)
 
 
+# A config as last looked at: when, the file's (size, mtime, inode), and its parse.
+_Loaded = tuple[float, tuple[int, int, int], ConfigSpec | InvalidRequest]
+
+
 class ConfigStore:
     """The configs directory, with parsed files cached by (size, mtime, inode)."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, recheck_seconds: float = 1.0) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._cache: dict[str, tuple[tuple[int, int, int], ConfigSpec | InvalidRequest]] = {}
+        self.recheck_seconds = recheck_seconds
+        self._cache: dict[str, _Loaded] = {}
 
     def path(self, name: str) -> Path:
         return self.directory / f"{check_name(name)}.toml"
@@ -121,6 +130,16 @@ class ConfigStore:
         """The parsed config; :class:`UnknownConfig` or :class:`InvalidRequest`."""
         if not _NAME.match(name) or name.endswith(".toml"):
             raise UnknownConfig(f"no config named {name!r} ({NAME_RULE})")
+        cached = self._cache.get(name)
+        now = time.monotonic()
+        if cached is None or now - cached[0] >= self.recheck_seconds:
+            cached = self._load(name, now, cached)
+        result = cached[2]
+        if isinstance(result, InvalidRequest):
+            raise InvalidRequest(result.detail)
+        return result
+
+    def _load(self, name: str, now: float, cached: _Loaded | None) -> _Loaded:
         path = self.directory / f"{name}.toml"
         try:
             stat = path.stat()
@@ -130,19 +149,18 @@ class ConfigStore:
                 f"no config named {name!r}: create {path} or PUT /api/configs/{name}"
             ) from None
         key = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
-        cached = self._cache.get(name)
-        if cached is None or cached[0] != key:
+        if cached is not None and cached[1] == key:
+            result = cached[2]
+        else:
             try:
-                result: ConfigSpec | InvalidRequest = _parse(name, path, path.read_bytes())
+                result = _parse(name, path, path.read_bytes())
             except InvalidRequest as exc:
                 result = exc
             except OSError as exc:
                 result = InvalidRequest(f"config {name!r} ({path}) cannot be read: {exc}")
-            cached = (key, result)
-            self._cache[name] = cached
-        if isinstance(cached[1], InvalidRequest):
-            raise InvalidRequest(cached[1].detail)
-        return cached[1]
+        loaded = (now, key, result)
+        self._cache[name] = loaded
+        return loaded
 
     def put(self, name: str, spec: ConfigSpec) -> ConfigSpec:
         """Check and write a config atomically; returns it as it reads back from disk."""
@@ -166,4 +184,5 @@ class ConfigStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        self._cache.pop(name, None)
         return self.get(name)

@@ -20,11 +20,12 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from service.api.audit import audit_router
-from service.api.auth import actor_dependency, authenticate
+from service.api.auth import actor_dependency, authentication_middleware
 from service.api.configs import configs_router
 from service.api.errors import EXCEPTION_HANDLERS, MAX_BODY_BYTES
 from service.api.panel import panel_router
 from service.api.queue_actions import queue_router
+from service.api.read_cache import ReadCache
 from service.api.request_id import echo_request_id, request_id_middleware
 from service.api.users import users_router
 from service.commands import Actor
@@ -67,12 +68,11 @@ def create_app(runtime: Runtime) -> Litestar:
         route_handlers=[queue_router, users_router, configs_router,
                         audit_router, panel_router, *_optional_routers()],
         dependencies={"actor": actor_dependency},
-        guards=[authenticate],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[request_id_middleware],
+        middleware=[request_id_middleware, authentication_middleware],
         before_send=[echo_request_id],
         lifespan=[run_runtime],
-        state=State({"runtime": runtime}),
+        state=State({"runtime": runtime, "read_cache": ReadCache()}),
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=openapi,
         logging_config=None,

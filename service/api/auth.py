@@ -3,9 +3,9 @@
 While no user exists, every request acts as the built-in local admin (single-user mode).
 Once one does, every ``/api/*`` request needs ``Authorization: Bearer <token>``; the
 token's sha256 is looked up in the committed state. A missing or unknown token is
-:class:`Unauthenticated` (401). The guard :func:`authenticate` runs for every route, so
-an ``/api`` route that forgets to ask for ``actor`` is still protected; the dependency
-``actor`` reuses what the guard found.
+:class:`Unauthenticated` (401). :func:`authentication_middleware` runs for every route,
+so an ``/api`` route that forgets to ask for ``actor`` is still protected; the dependency
+``actor`` reuses what it found.
 
 Writes are checked by the command handler (``service.commands``); reads, which never
 reach it, are checked here with the same rules.
@@ -18,14 +18,15 @@ from typing import Any
 import structlog
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
-from litestar.handlers.base import BaseRouteHandler
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from projections.state import JobEntry, QueueState
 from service.commands import LOCAL_ADMIN, Actor, NotAllowed, can_see_all
 from service.ids import token_hash
 
 __all__ = [
-    "Unauthenticated", "current_actor", "authenticate", "provide_actor", "actor_dependency",
+    "Unauthenticated", "current_actor", "actor_of_scope", "authentication_middleware",
+    "provide_actor", "actor_dependency",
     "require_admin", "check_can_view", "can_see_all", "Actor", "CurrentActor",
 ]
 
@@ -58,23 +59,41 @@ def actor_for_token(state: QueueState, authorization: str | None) -> Actor:
     return Actor(user_id=user.user_id, name=user.name, level=user.level, team_id=user.team_id)
 
 
-def current_actor(connection: ASGIConnection[Any, Any, Any, Any]) -> Actor:
-    """The caller of this request (resolved once per request)."""
-    scope = connection.scope
+def _authorization(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return value.decode("latin-1")
+    return None
+
+
+def actor_of_scope(scope: Scope) -> Actor:
+    """The caller of this request, resolved once and kept in the scope."""
     actor = scope.get(_ACTOR_KEY)  # type: ignore[call-overload]
     if actor is None:
-        state = connection.app.state.runtime.engine.state
-        actor = actor_for_token(state, connection.headers.get("authorization"))
+        state = scope["litestar_app"].state.runtime.engine.state
+        actor = actor_for_token(state, _authorization(scope))
         scope[_ACTOR_KEY] = actor  # type: ignore[literal-required]
         structlog.contextvars.bind_contextvars(actor=actor.label)
     return actor  # type: ignore[no-any-return]
 
 
-async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """App-wide guard: every ``/api`` route needs a caller (async: Litestar would run a
-    plain function in a worker thread)."""
-    if connection.scope["path"].startswith("/api/"):
-        current_actor(connection)
+def current_actor(connection: ASGIConnection[Any, Any, Any, Any]) -> Actor:
+    return actor_of_scope(connection.scope)
+
+
+def authentication_middleware(app: ASGIApp) -> ASGIApp:
+    """Every ``/api`` request needs a caller, whether or not its route asks for ``actor``.
+
+    (A middleware rather than a guard: Litestar copies the route handler for each guard
+    call, which costs more than the check itself.)
+    """
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+            actor_of_scope(scope)
+        await app(scope, receive, send)
+
+    return middleware
 
 
 def provide_actor(request: ASGIConnection[Any, Any, Any, Any]) -> Actor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Request, get
+from litestar import MediaType, Request, Response, get
 from litestar.params import FromPath, FromQuery, QueryParameter
 
 from projections import views
@@ -27,6 +27,7 @@ from service.api.models import (
     QueueListing,
     StatsResponse,
 )
+from service.api.read_cache import ReadCache
 from service.commands import Actor, NotAllowed, UnknownJob, can_see_all
 
 __all__ = ["QUEUE_VIEWS", "settings_out"]
@@ -44,6 +45,17 @@ def _job(state: QueueState, job_id: str, actor: Actor) -> JobEntry:
     return job
 
 
+_ENCODE = msgspec.json.Encoder().encode
+
+
+def _json(body: bytes) -> Response[Any]:
+    return Response(body, media_type=MediaType.JSON)
+
+
+def read_cache_of(request: Request[Any, Any, Any]) -> ReadCache:
+    return request.app.state.read_cache  # type: ignore[no-any-return]
+
+
 def settings_out(state: QueueState) -> ConcurrencySettings:
     return ConcurrencySettings(**msgspec.structs.asdict(state.settings))
 
@@ -58,7 +70,7 @@ def list_queue(
     offset: Annotated[int, QueryParameter(ge=0, le=1_000_000_000)] = 0,
     include_completed: FromQuery[bool] = False,
     user_id: FromQuery[int | None] = None,
-) -> QueueListing:
+) -> Response[QueueListing]:
     """Pending jobs in position order, then the rest newest first. Researchers and viewers
     see their own entries only (positions stay global). ``queued`` means ``pending``; a
     ``status`` filter shows that status even when it is terminal."""
@@ -68,25 +80,26 @@ def list_queue(
                              "leave user_id out or give your own")
         user_id = actor.user_id
     state = engine_of(request).state
-    return entries.listing(
-        state,
-        read_now(state),
-        status="pending" if status == "queued" else status,
-        include_completed=include_completed,
-        user_id=user_id,
-        limit=limit,
-        offset=offset,
-    )
+    shown = "pending" if status == "queued" else status
+    key = ("queue", shown, limit, offset, include_completed, user_id)
+    return _json(read_cache_of(request).answer(state, key, lambda: _ENCODE(entries.listing(
+        state, read_now(state), status=shown, include_completed=include_completed,
+        user_id=user_id, limit=limit, offset=offset,
+    ))))
 
 
 @get("/stats", sync_to_thread=False, responses=error_responses(401), summary="Queue statistics")
-def stats(request: Request[Any, Any, Any], actor: CurrentActor) -> StatsResponse:
+def stats(request: Request[Any, Any, Any], actor: CurrentActor) -> Response[StatsResponse]:
     """The seed's fields; counts cover all targets. ``avg_wait_seconds`` is the mean of
     ``started_at - queued_at`` over jobs started in the last 24 h (null if none)."""
     state = engine_of(request).state
-    shown = views.stats(state, read_now(state))
-    local = LocalStats(**shown.pop("local"))
-    return StatsResponse(local=local, **shown)
+
+    def compute() -> bytes:
+        shown = views.stats(state, read_now(state))
+        local = LocalStats(**shown.pop("local"))
+        return _ENCODE(StatsResponse(local=local, **shown))
+
+    return _json(read_cache_of(request).answer(state, ("stats",), compute))
 
 
 @get("/me", sync_to_thread=False, responses=error_responses(401), summary="My queue status")

@@ -62,8 +62,8 @@ def _job_answer(state: QueueState, job: JobEntry, now: float, status: str,
     if job.status == "blocked":
         reason = job.approval_reason
     elif job.status == "pending":
-        why = scheduler.explain(state, job.job_id, now)
-        reason = why.reasons[0].detail if why.reasons else None
+        held = scheduler.probe(state, job, now).reason  # the rule that holds it back
+        reason = held.detail if held is not None else None
     elif job.status in ("rejected", "failed"):
         reason = job.error_message
     dispatched = job.started_at is not None
@@ -159,5 +159,5 @@ async def submit(request: Request[Any, Any, Any], data: JSONBody[SubmitRequest],
 
     job = state.jobs[job_id]
     status = _new_job_status(job)
-    log.info("job_submitted", job_id=job_id, status=status, config=data.config_name)
+    log.debug("job_submitted", job_id=job_id, status=status, config=data.config_name)
     return _job_answer(state, job, now, status, 201)

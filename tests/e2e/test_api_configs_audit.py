@@ -14,6 +14,8 @@ import pytest
 
 from events.export import row_from_export
 from events.log import verify_rows
+from service.commands import ConfigSpec, InvalidRequest, UnknownConfig
+from service.configs import ConfigStore
 
 pytestmark = pytest.mark.anyio
 
@@ -65,6 +67,32 @@ async def test_bad_configs_are_422(api, data_dir, name, body, words) -> None:
     assert response.status_code == 422, response.text
     assert words in response.json()["detail"]
     assert not (data_dir / "configs" / f"{name}.toml").exists()
+
+
+def test_config_store_sees_file_edits_when_it_looks_again(tmp_path) -> None:
+    store = ConfigStore(tmp_path, recheck_seconds=0)
+    with pytest.raises(UnknownConfig):
+        store.get("train")
+    (tmp_path / "train.toml").write_text('command = ["a"]\n')
+    assert store.get("train").command == ["a"]
+    (tmp_path / "train.toml").write_text('command = ["b", "c"]\n')
+    assert store.get("train").command == ["b", "c"]
+    (tmp_path / "train.toml").write_text("command = 1\n")
+    with pytest.raises(InvalidRequest, match="train.toml"):
+        store.get("train")
+    (tmp_path / "train.toml").unlink()
+    with pytest.raises(UnknownConfig):
+        store.get("train")
+
+
+def test_config_store_looks_at_most_once_per_interval_but_put_is_seen_at_once(tmp_path) -> None:
+    store = ConfigStore(tmp_path, recheck_seconds=3600)
+    (tmp_path / "train.toml").write_text('command = ["a"]\n')
+    assert store.get("train").command == ["a"]
+    (tmp_path / "train.toml").write_text('command = ["edited"]\n')
+    assert store.get("train").command == ["a"]  # not looked at again yet
+    store.put("train", ConfigSpec(command=["put"]))
+    assert store.get("train").command == ["put"]
 
 
 def export_lines(text: str) -> list[dict]:
