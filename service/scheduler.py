@@ -166,7 +166,12 @@ def position(state: QueueState, job: JobEntry, now: float) -> int | None:
     target = _sort_key(job.base_priority, job.queued_at, job.submit_seq, now, settings)
     ahead = 0
     for level, keys in state.pending.levels.items():
-        ahead += _ahead_in_level(keys, level[0], target, now, settings)
+        if level[0] == job.base_priority:
+            # same base priority: queue order is (queued_at, seq) order, aging being
+            # monotone in the wait, so the sorted keys can be bisected directly
+            ahead += keys.bisect_left((job.queued_at, job.submit_seq, ""))
+        else:
+            ahead += _ahead_in_level(keys, level[0], target, now, settings)
     return ahead + 1
 
 
