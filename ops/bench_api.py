@@ -162,26 +162,26 @@ CLIENTS = {"httpx": HttpxConnection, "lean": LeanConnection}
 
 async def _drive(kind: str, host: str, port: int, method: str, path: str, tokens: list[str],
                  clients: int, count: int | None, seconds: float | None, expect: int,
-                 out: list[float]) -> int:
+                 out: list[tuple[float, float]]) -> int:
     """``clients`` connections sending until ``count`` requests or ``seconds`` are done."""
     connections = [CLIENTS[kind](host, port, method, path, tokens[n % len(tokens)])
                    for n in range(clients)]
     remaining = [count or 0]
-    deadline = time.perf_counter() + (seconds or 0)
+    deadline = time.monotonic() + (seconds or 0)
     errors = 0
 
     async def run(connection: HttpxConnection | LeanConnection, n: int) -> None:
         nonlocal errors
         i = 0
-        while (remaining[0] > 0) if count is not None else (time.perf_counter() < deadline):
+        while (remaining[0] > 0) if count is not None else (time.monotonic() < deadline):
             if count is not None:
                 remaining[0] -= 1
             body = None
             if method == "POST":
                 body = json.dumps({"config_name": "bench", "metadata": {"c": n, "i": i}}).encode()
-            started = time.perf_counter()
+            started = time.monotonic()  # system-wide: comparable across processes
             status = await connection.send(body)
-            out.append(time.perf_counter() - started)
+            out.append((started, time.monotonic() - started))
             errors += status != expect
             i += 1
 
@@ -201,11 +201,10 @@ def _worker(job: dict, start_at: float, results: multiprocessing.Queue) -> None:
         pass
     while time.time() < start_at:  # every process starts together
         time.sleep(0.001)
-    latencies: list[float] = []
+    timings: list[tuple[float, float]] = []
     cpu = time.process_time()
-    begun = time.perf_counter()
-    errors = asyncio.run(_drive(out=latencies, **job))
-    results.put((latencies, errors, time.perf_counter() - begun, time.process_time() - cpu))
+    errors = asyncio.run(_drive(out=timings, **job))
+    results.put((timings, errors, time.process_time() - cpu))
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -233,25 +232,26 @@ def measure(server: subprocess.Popen[bytes], processes: int, job: dict,
     ]
     for worker in workers:
         worker.start()
-    latencies: list[float] = []
+    timings: list[tuple[float, float]] = []
     errors = 0
-    elapsed = 0.0
     client_cpu = 0.0
     for _ in workers:
-        got, failed, seconds, cpu = results.get()
-        latencies += got
+        got, failed, cpu = results.get()
+        timings += got
         errors += failed
-        elapsed = max(elapsed, seconds)
         client_cpu += cpu
     for worker in workers:
         worker.join()
     server_cpu = cpu_seconds(server.pid) - server_cpu
-    done = max(1, len(latencies))
+    done = max(1, len(timings))
+    # the window in which requests were in flight (client set-up and tear-down left out)
+    elapsed = max(start + took for start, took in timings) - min(start for start, _ in timings)
+    latencies = [took for _, took in timings]
     return {
-        "requests": len(latencies),
+        "requests": len(timings),
         "errors": errors,
         "seconds": round(elapsed, 3),
-        "per_second": round(len(latencies) / elapsed, 1),
+        "per_second": round(len(timings) / elapsed, 1),
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "server_cpu_us_per_request": round(server_cpu / done * 1e6),
