@@ -18,7 +18,10 @@ SQLite log or an audit export by :mod:`service.audit`); nothing writes anywhere.
   rejections, priority and settings changes, GPU inventory) and each job's recorded run
   time under other settings, through the real pure core (``commands.handle``, the fold,
   ``scheduler.decide``) on a simulated clock, event by event, and compares the waits
-  per user and per team and the GPU utilisation with what happened.
+  per user and per team and the GPU utilisation with what happened. A pass runs after
+  every simulated instant and at every instant the recording shows a commit (the engine
+  ran a pass then: that is where its periodic passes let aging start a job), so with no
+  change the replay makes exactly the recorded decisions.
 """
 
 from __future__ import annotations
@@ -481,7 +484,7 @@ _LEVEL_BY_PRIORITY: dict[int, Level] = {
     priority: level for level, priority in LEVEL_PRIORITY.items()  # type: ignore[misc]
 }
 
-_FACT, _COMMAND, _FINISH = 0, 1, 2
+_FACT, _COMMAND, _FINISH, _PASS = 0, 1, 2, 3
 
 
 class _Ending(Struct, frozen=True):
@@ -502,6 +505,7 @@ class _Plan:
         self.meter = _Meter()
         self.names: dict[int, str] = {}
         self.end = 0.0
+        self.instants: list[float] = []  # every recorded commit time, once
 
 
 def _submit_input(event: JobSubmitted, state: QueueState, at: float) -> tuple[Submit, Actor]:
@@ -559,6 +563,8 @@ def _plan(records: Iterable[Recorded], progress: Progress) -> _Plan:
 
     for recorded in _counted(records, progress):
         event, at, seq = recorded.event, recorded.at, recorded.seq
+        if not plan.instants or plan.instants[-1] != at:
+            plan.instants.append(at)
         plan.meter.observe(state, event, at)
         match event:
             case JobSubmitted():
@@ -664,38 +670,12 @@ class _Simulation:
                 payload = (dispatch.job_id, dispatch.attempt, ending.command)
                 self.push(at + ending.duration, ending.seq, _FINISH, payload, None)
 
-    def next_aging_step(self, now: float) -> float | None:
-        """When the next pending job's effective priority goes up (a pass may differ).
-
-        ``None`` when no pass before the next input could start anything anyway: nothing
-        waits, aging is off, or the global limit is reached.
-        """
-        state = self.state
-        settings = state.settings
-        threshold = settings.starvation_threshold_minutes * 60.0
-        if (settings.starvation_boost <= 0 or threshold <= 0
-                or state.running_total >= settings.max_concurrent):
-            return None
-        soonest: float | None = None
-        for (priority, _), keys in state.pending.levels.items():
-            if priority >= scheduler.URGENT:
-                continue
-            for index in range(len(keys) - 1, -1, -1):  # newest first: older ones age first
-                queued_at = keys[index][0]
-                steps = math.floor((now - queued_at) / threshold)
-                if priority + settings.starvation_boost * steps >= scheduler.URGENT:
-                    break  # this one, and every older one in the level, is at Urgent
-                step_at = queued_at + (steps + 1) * threshold
-                if soonest is None or step_at < soonest:
-                    soonest = step_at
-        if soonest is None:
-            return None
-        return max(soonest, math.nextafter(now, math.inf))
-
     def run(self) -> None:
         for at, seq, kind, payload, actor in self.plan.items:
             self.push(at, seq, kind, payload, actor)
         self.progress.phase("replaying", len(self.heap))
+        for at in self.plan.instants:  # the engine ran a pass at each of them
+            self.push(at, 0, _PASS, None, None)
         if self.overrides:
             start = self.heap[0][0] if self.heap else 0.0
             self.execute(ChangeSettings(dict(self.overrides)), LOCAL_ADMIN, start)
@@ -710,14 +690,10 @@ class _Simulation:
                 elif kind == _FACT:
                     self.fact(payload, now)
                     self.progress.advance()
-                else:
+                elif kind == _FINISH:
                     job_id, attempt, command = payload
                     self.finish(job_id, attempt, command, now)
             self.schedule(now)
-            step = self.next_aging_step(now)
-            while step is not None and heap and step < heap[0][0]:
-                self.schedule(step)
-                step = self.next_aging_step(step)
 
 
 def what_if(

@@ -250,6 +250,16 @@ def test_what_if_replays_aging_the_way_the_engine_ticks(tmp_path: Path) -> None:
     assert wait_of(no_aging, VIEWER) == pytest.approx(5999.5)  # after alice's 1000 s run
 
 
+@pytest.mark.parametrize("log", FIXTURE_LOGS, ids=[p.name for p in FIXTURE_LOGS])
+def test_what_if_with_no_change_reproduces_every_recorded_fixture(log: Path) -> None:
+    report = what_if(records(log), {})
+    assert report.rows[0].recorded.started > 0
+    for row in report.rows:
+        assert row.what_if == row.recorded, row.name
+    assert report.what_if_utilisation == report.recorded_utilisation
+    assert report.refused == {}
+
+
 def _busy_fixture() -> Path | None:
     return next((p for p in FIXTURE_LOGS if "busy" in p.name), None)
 
@@ -259,10 +269,18 @@ def test_what_if_higher_max_concurrent_on_the_busy_day_fixture() -> None:
     log = _busy_fixture()
     assert log is not None
     recorded = records(log)
-    limit = replay_until(recorded).state.settings.max_concurrent
-    report = what_if(recorded, {"max_concurrent": limit * 2})
-    before, after = _all(report)
+    settings = replay_until(recorded).state.settings
+    higher = settings.max_concurrent * 2
+    # that day every job is local and local_job_max_concurrent equals max_concurrent all day,
+    # so the global limit alone is never what holds a job back: the replay says so
+    alone = what_if(recorded, {"max_concurrent": higher})
+    assert settings.local_job_max_concurrent == settings.max_concurrent
+    assert _all(alone)[1] == _all(alone)[0]
+    # raised together, jobs start sooner
+    both = what_if(recorded, {"max_concurrent": higher, "local_job_max_concurrent": higher})
+    before, after = _all(both)
     assert after < before
+    assert both.what_if_utilisation.utilisation > both.recorded_utilisation.utilisation
 
 
 # ---------------------------------------------------------------- a broken log
