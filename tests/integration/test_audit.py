@@ -173,3 +173,22 @@ def test_cli_export_from_a_database_file_then_verify(day_db: Path, tmp_path: Pat
 )
 def test_cli_audit_errors_are_one_line(args: list[str]) -> None:
     one_error_line(gpuyard(*args))
+
+
+FIXTURE_LOGS = sorted((Path(__file__).resolve().parents[2] / "fixtures").glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("log", FIXTURE_LOGS, ids=[p.name for p in FIXTURE_LOGS])
+def test_every_recorded_fixture_verifies_and_a_changed_copy_does_not(
+    log: Path, tmp_path: Path
+) -> None:
+    whole = verify_file(log)
+    assert whole.first_seq == 1 and whole.count == whole.last_seq
+    as_csv = _export(log, tmp_path / "copy.csv", "csv")  # the same rows, the other format
+    assert verify_file(as_csv) == whole
+    lines = _lines(log)
+    middle = lines[len(lines) // 2]
+    middle["at"] += 0.001
+    with pytest.raises(ChainBroken) as broken:
+        verify_file(_write_lines(tmp_path / "changed.jsonl", lines))
+    assert broken.value.seq == middle["seq"]
