@@ -110,7 +110,8 @@ def table(
     headers: Sequence[str] | None = None,
 ) -> Table:
     """A table of ``rows`` showing ``columns`` (dot paths reach into nested fields)."""
-    out = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    out = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False,
+                min_width=len(title) if title else None)
     for name in headers or columns:
         out.add_column(name, overflow="fold")
     for row in rows:
@@ -121,7 +122,7 @@ def table(
 def key_values(pairs: Iterable[tuple[str, Any]], *, title: str | None = None) -> Table:
     """A two-column table of settings or stats."""
     out = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_header=False,
-                pad_edge=False)
+                pad_edge=False, min_width=len(title) if title else None)
     out.add_column("key", style="bold")
     out.add_column("value", overflow="fold")
     for key, value in pairs:
