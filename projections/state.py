@@ -5,6 +5,8 @@ It is built only by :func:`projections.fold.apply`; nothing else mutates it.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
+from collections import deque
 from typing import Literal
 
 from msgspec import Struct, field
@@ -97,17 +99,18 @@ class PendingIndex:
     as ``queued_at`` grows: sorting a level by ``(queued_at, seq)`` keeps it in queue
     order at every instant, and the global order is a merge of at most a few levels.
 
-    - ``levels[L]``: every pending job at level L (positions, listings);
-    - ``by_user[(user, L)]``: one user's jobs at level L (the scheduler's skip-and-continue);
-    - ``heads[L]``: the first job of each user at level L.
+    - ``levels[L]``: every pending job at level L (positions, listings): a SortedList;
+    - ``by_user[(user, L)]``: one user's jobs at level L (the scheduler's skip-and-continue):
+      a sorted deque, since jobs join at the back and mostly leave from the front;
+    - ``heads[L]``: the first job of each user at level L: a sorted list (one per user).
     """
 
     __slots__ = ("levels", "by_user", "heads", "enabled")
 
     def __init__(self) -> None:
         self.levels: dict[StreamLevel, SortedList] = {}
-        self.by_user: dict[tuple[int, StreamLevel], SortedList] = {}
-        self.heads: dict[StreamLevel, SortedList] = {}
+        self.by_user: dict[tuple[int, StreamLevel], deque[OrderKey]] = {}
+        self.heads: dict[StreamLevel, list[OrderKey]] = {}
         self.enabled = True
 
     def __len__(self) -> int:
@@ -126,16 +129,18 @@ class PendingIndex:
         jobs.add(key)
         mine = self.by_user.get((job.user_id, level))
         if mine is None:
-            mine = self.by_user[(job.user_id, level)] = SortedList()
-        old_head = mine[0] if mine else None
-        mine.add(key)
+            self.by_user[(job.user_id, level)] = deque((key,))
+            old_head = None
+        else:
+            old_head = mine[0]
+            _insert(mine, key)
         if old_head is None or key < old_head:  # the job heads its user's stream now
             heads = self.heads.get(level)
             if heads is None:
-                heads = self.heads[level] = SortedList()
+                heads = self.heads[level] = []
             if old_head is not None:
-                heads.remove(old_head)
-            heads.add(key)
+                _delete(heads, old_head)
+            _insert(heads, key)
 
     def remove(self, job: JobEntry) -> None:
         if not self.enabled:
@@ -149,12 +154,12 @@ class PendingIndex:
             del self.levels[level]
         mine = self.by_user[(job.user_id, level)]
         was_head = mine[0] == key
-        mine.remove(key)
+        _delete(mine, key)
         if was_head:
             heads = self.heads[level]
-            heads.remove(key)
+            _delete(heads, key)
             if mine:
-                heads.add(mine[0])
+                _insert(heads, mine[0])
             elif not heads:
                 del self.heads[level]
         if not mine:
@@ -170,12 +175,31 @@ class PendingIndex:
             grouped.setdefault(level, []).append(key)
             mine.setdefault((job.user_id, level), []).append(key)
         self.levels = {level: SortedList(keys) for level, keys in grouped.items()}
-        self.by_user = {ul: SortedList(keys) for ul, keys in mine.items()}
+        self.by_user = {ul: deque(sorted(keys)) for ul, keys in mine.items()}
         heads: dict[StreamLevel, list[OrderKey]] = {}
         for (_, level), keys in self.by_user.items():
             heads.setdefault(level, []).append(keys[0])
-        self.heads = {level: SortedList(keys) for level, keys in heads.items()}
+        self.heads = {level: sorted(keys) for level, keys in heads.items()}
         self.enabled = True
+
+
+def _insert(keys: deque[OrderKey] | list[OrderKey], key: OrderKey) -> None:
+    """Insert into a sorted sequence, after equal keys (as ``SortedList.add``)."""
+    if not keys or key >= keys[-1]:
+        keys.append(key)  # the usual case: the newest job
+    else:
+        keys.insert(bisect_right(keys, key), key)
+
+
+def _delete(keys: deque[OrderKey] | list[OrderKey], key: OrderKey) -> None:
+    """Remove one ``key`` from a sorted sequence; ``ValueError`` if it is not there."""
+    if keys and keys[0] == key:
+        del keys[0]  # the usual case: the oldest job (O(1) on a deque)
+        return
+    at = bisect_left(keys, key)
+    if at == len(keys) or keys[at] != key:
+        raise ValueError(f"{key!r} not in the pending index")
+    del keys[at]
 
 
 class QueueState:
