@@ -352,6 +352,20 @@ def user_actor(uid: int) -> Actor:
     return Actor(user_id=uid, name=f"user{uid}", level="researcher", team_id=f"team-{uid % 4}")
 
 
+def commit_latency_ms(directory: Path, commits: int = 40) -> float:
+    """Median time of one durable commit of one event on this disk, now (for context)."""
+    log = fresh_log(directory, "fsync")
+    sealer = Sealer()
+    times = []
+    for n in range(commits):
+        recorded = sealer(JobCompleted(job_id=f"probe-{n}"))
+        started = time.perf_counter()
+        log.append([recorded])
+        times.append(time.perf_counter() - started)
+    cleanup(log)
+    return round(statistics.median(times) * 1000, 3)
+
+
 CPU_CONFIG = ConfigSpec(command=["python", "-c", "pass"], num_processes=0)
 
 
@@ -383,7 +397,7 @@ def bench_append(args: argparse.Namespace) -> dict[str, object]:
                 Submit(job_id=f"w{worker}-{n}", config_name="prep", config=CPU_CONFIG), actor
             )
 
-    async def main() -> float:
+    async def main() -> tuple[float, float, int]:
         async with engine.running():
             await engine.execute(ChangeSettings({
                 "max_concurrent": 64, "local_job_max_concurrent": 64,
@@ -391,21 +405,23 @@ def bench_append(args: argparse.Namespace) -> dict[str, object]:
             }), LOCAL_ADMIN)
             engine.subscribe(count)
             first_seq = engine.state.last_seq
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             async with anyio.create_task_group() as tasks:
                 for worker in range(submitters):
                     tasks.start_soon(submitter, worker)
             elapsed = time.perf_counter() - started
-            return elapsed, engine.state.last_seq - first_seq
+            return elapsed, time.process_time() - cpu, engine.state.last_seq - first_seq
 
+    fsync_ms = commit_latency_ms(args.dir)
     gc.collect()
-    elapsed, events = anyio.run(main)
+    elapsed, cpu, events = anyio.run(main)
     cleanup(log)
     return {
         "bench": "append", "submitters": submitters, "submits": submitters * per_submitter,
+        "commit_ms": fsync_ms,
         "events": events, "commits": commits, "events_per_commit": round(events / commits, 1),
         "seconds": round(elapsed, 3), "events_per_s": round(events / elapsed),
-        "submits_per_s": round(submitters * per_submitter / elapsed),
+        "submits_per_s": round(submitters * per_submitter / elapsed), "cpu_s": round(cpu, 3),
         "target_events_per_s": 20_000, "ok": events / elapsed >= 20_000,
     }
 
@@ -523,8 +539,9 @@ def run_drain(
 
 
 def bench_drain(args: argparse.Namespace) -> dict[str, object]:
-    figures: dict[str, object] = {"bench": "drain"}
-    figures.update(run_drain(args.dir, args.jobs, args.users, args.max_concurrent, args.clients))
+    commit_ms = commit_latency_ms(args.dir)
+    figures = run_drain(args.dir, args.jobs, args.users, args.max_concurrent, args.clients)
+    figures.update({"bench": "drain", "commit_ms": commit_ms})
     target = args.jobs == 2000 and args.users == 20 and args.max_concurrent == 20
     if target:
         figures["target_jobs_per_s"] = 10_000
