@@ -13,16 +13,8 @@ if str(TESTS) not in sys.path:  # helper modules (scenario, snapshot_serializer)
 
 from snapshot_serializer import StructJSONExtension
 
-REPO = TESTS.parent
-FIXTURES = REPO / "fixtures"
-
 
 @pytest.fixture
 def snapshot_json(snapshot):  # type: ignore[no-untyped-def]
     """syrupy's ``snapshot`` through the project's one serializer (Structs as builtins)."""
     return snapshot.use_extension(StructJSONExtension)
-
-
-@pytest.fixture
-def fixtures_dir() -> Path:
-    return FIXTURES

@@ -100,10 +100,12 @@ class CountingLog(EventLog):
         super().__init__(path)
         self.appends: list[list[Recorded]] = []
         self.fail_appends = 0
+        self.failed_appends = 0
 
     def append(self, batch: Sequence[Recorded]) -> None:
         if self.fail_appends:
             self.fail_appends -= 1
+            self.failed_appends += 1
             raise LogError("disk full (simulated)")
         super().append(batch)
         self.appends.append(list(batch))
@@ -180,7 +182,7 @@ async def test_a_failed_commit_fails_the_batch_and_leaves_the_state_a_fold_of_th
         await engine.execute(submit("before"), ALICE)
         before = snapshot(engine.state)
 
-        log.fail_appends = 1
+        log.fail_appends = 10**6  # every commit fails until this is reset
         outcomes: list[BaseException | Committed] = []
 
         async def one(command: Command, actor: Actor) -> None:
@@ -193,7 +195,9 @@ async def test_a_failed_commit_fails_the_batch_and_leaves_the_state_a_fold_of_th
             for index in range(8):
                 group.start_soon(one, submit(f"lost{index}"), BOB)
             group.start_soon(one, Approve("no-such-job"), ADMIN)
+        log.fail_appends = 0
 
+        assert 1 <= log.failed_appends <= 8
         assert sorted(type(o).__name__ for o in outcomes) == ["EngineUnavailable"] * 8 + [
             "UnknownJob"]
         assert snapshot(engine.state) == before == snapshot(fold_of(log.path))
@@ -780,7 +784,7 @@ class EngineMachine(RuleBasedStateMachine):
 
 
 EngineMachine.TestCase.settings = settings(
-    max_examples=60,
+    max_examples=40,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
