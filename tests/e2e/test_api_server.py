@@ -3,6 +3,7 @@ concurrent submissions from many users, a SIGKILL and a restart, bad start-up fl
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from api_harness import write_configs
 from serverproc import REPO_ROOT, ServerProcess
 
 from events.log import EventLog
+from service.commands import LOCAL_ADMIN
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -141,6 +143,19 @@ async def test_after_sigkill_and_restart_the_api_returns_the_same_queue(server) 
     assert after["stats"] == before["stats"]
     assert after["me"] == before["me"]
     assert after["settings"] == before["settings"]
+
+
+async def test_log_lines_of_a_request_carry_its_request_id_as_json(server) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
+        response = await client.post("/api/queue/concurrency", json={"max_concurrent": 0},
+                                     headers={"X-Request-ID": "trace-me-123"})
+        assert response.status_code == 422
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines()
+             if line.startswith("{")]
+    mine = [line for line in lines if line.get("request_id") == "trace-me-123"]
+    assert mine and mine[0]["event"] == "request_refused"
+    assert mine[0]["actor"] == LOCAL_ADMIN.label and mine[0]["status"] == 422
+    assert "max_concurrent" in mine[0]["detail"]
 
 
 def test_a_malformed_gpu_spec_is_one_line_and_exit_2(tmp_path) -> None:

@@ -120,9 +120,14 @@ async def test_the_event_carries_resolved_spec_actor_and_request_id(api) -> None
     assert dispatched and dispatched[0].correlation_id == "req-abc-123"
 
 
-async def test_a_generated_request_id_is_echoed(api) -> None:
+async def test_a_generated_request_id_is_echoed_on_answers_and_errors(api) -> None:
     response = await api.get("/api/queue/stats")
     assert len(response.headers["x-request-id"]) == 16
+    missing = await api.get("/api/queue/nosuchjob123")
+    assert missing.status_code == 404 and len(missing.headers["x-request-id"]) == 16
+    assert missing.headers["x-request-id"] != response.headers["x-request-id"]
+    odd = await api.client.get("/api/queue/stats", headers={"X-Request-ID": "no spaces, please"})
+    assert odd.headers["x-request-id"] != "no spaces, please"
 
 
 @pytest.mark.parametrize(
