@@ -313,14 +313,14 @@ async def busy_day(path: Path) -> None:
     root, bob = rec.people["root"], rec.people["bob"]
     async with rec.engine.running():
         await rec.setup({"max_concurrent": 6, "user_max_concurrent": 2, "team_max_concurrent": 4,
-                         "local_job_max_concurrent": 6, "approval_cost_threshold": 50.0})
+                         "local_job_max_concurrent": 12, "approval_cost_threshold": 50.0})
         traffic = busy_traffic(rec)
         await rec.minutes(3 * 60, traffic)                                  # 08:00-11:00
         await rec.send([(ChangeSettings({"enable_fair_share": True, "team_max_concurrent": 3}),
                          root)])
         await rec.minutes(3 * 60, traffic)                                  # 11:00-14:00
         await rec.send([(ChangeSettings({"max_concurrent": 8, "local_gpu_max_concurrent": 6,
-                                         "local_job_max_concurrent": 8}), root)])
+                                         "local_job_max_concurrent": 12}), root)])
         costly = rec.submission(bob, num_processes=2)
         costly = msgspec.structs.replace(costly, estimated_cost=120.0)
         await rec.send([(costly, bob)])
