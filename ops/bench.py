@@ -275,10 +275,13 @@ def bench_replay(args: argparse.Namespace) -> dict[str, object]:
         log.close()
         runs.append(elapsed)
         events = state.last_seq
+        jobs = len(state.jobs)
+        statuses = {k: v for k, v in state.status_counts.items() if v}
         del state
     best = min(runs)
     return {
-        "bench": "replay", "events": events, "seconds": round(best, 3),
+        "bench": "replay", "events": events, "jobs": jobs, "statuses": statuses,
+        "seconds": round(best, 3),
         "events_per_s": round(events / best), "runs_s": [round(r, 3) for r in runs],
         "cpu_s": [round(c, 3) for c in cpus],
         "target_events_per_s": 300_000, "ok": events / best >= 300_000,
