@@ -21,6 +21,9 @@ A pass walks that order. For each job, in this order:
    (``local_gpu_limit``); not enough free GPUs -> skip (``gpus_busy``);
 5. otherwise dispatch it.
 
+A GPU job the inventory can no longer hold (GPUs removed after it was submitted) waits
+with ``gpu_inventory`` and reserves nothing, so it cannot hold back the jobs behind it.
+
 GPU choice: with ``device_ids`` and not ``any_gpu``, exactly those devices once all are
 free; otherwise the lowest-indexed free GPUs.
 
