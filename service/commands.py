@@ -47,10 +47,13 @@ __all__ = [
     "ConfigSpec", "Submit", "Cancel", "Approve", "Reject", "SetPriority", "ChangeSettings",
     "Cleanup", "CreateUser", "UpdateUser", "IssueToken", "RevokeToken", "ObserveInventory",
     "ReportStarted", "ReportExited", "ReportFailed", "ReportCancelled", "ExpireApprovals",
-    "Process", "Command", "MAX_METADATA_BYTES",
+    "Process", "Command", "MAX_METADATA_BYTES", "MIN_STARVATION_THRESHOLD_MINUTES",
 ]
 
 MAX_METADATA_BYTES = 64 * 1024
+# Aging divides the wait by the threshold: a vanishing threshold would make that quotient
+# overflow (a float too large for an int) and stop every scheduling pass.
+MIN_STARVATION_THRESHOLD_MINUTES = 0.001
 LEVELS: tuple[Level, ...] = ("admin", "lead", "researcher", "viewer")
 
 
@@ -556,7 +559,9 @@ def validated_settings(current: Settings, changes: dict[str, Any]) -> Settings:
                 raise InvalidRequest(f"enable_fair_share must be true or false, not {value!r}")
         elif name == "starvation_boost":
             whole(name, value, 0)
-        elif name in ("starvation_threshold_minutes", "approval_timeout_hours"):
+        elif name == "starvation_threshold_minutes":
+            number(name, value, MIN_STARVATION_THRESHOLD_MINUTES, strict=False)
+        elif name == "approval_timeout_hours":
             number(name, value, 0, strict=True)
         elif name in ("approval_cost_threshold", "cancel_grace_seconds"):
             number(name, value, 0, strict=False)

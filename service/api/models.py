@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
+from service.commands import MIN_STARVATION_THRESHOLD_MINUTES
+
 __all__ = [
     "ErrorBody", "SubmitRequest", "SubmitResponse", "QueueEntry", "QueueListing", "StatsResponse",
     "LocalStats", "MeResponse", "PositionResponse", "ExplainReason", "ExplainResponse",
@@ -233,7 +235,8 @@ class ConcurrencyUpdate(Struct, kw_only=True, forbid_unknown_fields=True):
     enable_fair_share: bool | UnsetType = UNSET
     local_gpu_max_concurrent: Positive | None | UnsetType = UNSET
     local_job_max_concurrent: Positive | UnsetType = UNSET
-    starvation_threshold_minutes: Annotated[float, Meta(gt=0)] | UnsetType = UNSET
+    starvation_threshold_minutes: (
+        Annotated[float, Meta(ge=MIN_STARVATION_THRESHOLD_MINUTES)] | UnsetType) = UNSET
     starvation_boost: NonNegative | UnsetType = UNSET
     approval_cost_threshold: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
     approval_timeout_hours: Annotated[float, Meta(gt=0)] | UnsetType = UNSET

@@ -160,6 +160,7 @@ async def test_local_gpu_limit_null_means_unlimited_and_omitted_means_unchanged(
     {"max_concurrent": 0}, {"user_max_concurrent": -2}, {"local_gpu_max_concurrent": 0},
     {"enable_fair_share": "yes"}, {"max_concurrent": 1.5}, {"starvation_threshold_minutes": 0},
     {"approval_cost_threshold": -1}, {"max_concurent": 3}, {"max_concurrent": None},
+    {"starvation_threshold_minutes": 1e-310},
 ])
 async def test_bad_limits_are_422_and_change_nothing(api, body) -> None:
     response = await api.post("/api/queue/concurrency", body)

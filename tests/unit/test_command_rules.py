@@ -429,6 +429,8 @@ def test_priority_override_reorders_the_queue_and_same_value_writes_nothing() ->
     ] + [
         pytest.param({"starvation_threshold_minutes": 0}, id="threshold-0"),
         pytest.param({"starvation_threshold_minutes": -5}, id="threshold-negative"),
+        # a vanishing threshold would overflow the aging steps and stop every pass
+        pytest.param({"starvation_threshold_minutes": 1e-310}, id="threshold-vanishing"),
         pytest.param({"starvation_boost": -1}, id="boost-negative"),
         pytest.param({"starvation_boost": 2.5}, id="boost-fraction"),
         pytest.param({"approval_cost_threshold": -0.01}, id="cost-threshold-negative"),
