@@ -33,6 +33,7 @@ __all__ = ["inventory_summary", "memory_percent", "system_router"]
 TEXT = "text/plain; charset=utf-8"
 CHUNK = 64 * 1024
 MAX_TAIL = 10_000_000
+MAX_OFFSET = 2**62
 
 
 class GpuUsage(Struct, kw_only=True):
@@ -163,6 +164,9 @@ async def _whole_file(path: Path, offset: int = 0) -> AsyncIterator[bytes]:
         return
     async with handle:
         if offset:
+            # a follower is often at the end already; seeking far past it fails (EINVAL)
+            if offset >= os.fstat(handle.wrapped.fileno()).st_size:
+                return
             await handle.seek(offset)
         while chunk := await handle.read(CHUNK):
             yield chunk
@@ -177,7 +181,8 @@ async def job_logs(
     tail: Annotated[int | None, QueryParameter(ge=1, le=MAX_TAIL,
                                                description="only the last N lines")] = None,
     offset: Annotated[int | None, QueryParameter(
-        ge=0, description="skip this many bytes (what a follower has already printed)")] = None,
+        ge=0, le=MAX_OFFSET,
+        description="skip this many bytes (what a follower has already printed)")] = None,
 ) -> Response[bytes] | Stream:
     """The job's combined stdout and stderr (every attempt), as text; empty before it runs.
     Your own jobs, or any job for leads and admins."""

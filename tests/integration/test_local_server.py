@@ -121,6 +121,15 @@ def test_system_status_and_logs(server: ServerProcess, jobs: Jobs) -> None:
     for bad in ("0", "-1", "x"):
         answer = admin.ok("GET", f"/api/queue/{job_id}/logs", 422, params={"tail": bad})
         assert "tail" in answer.json()["detail"]
+    size = len(full.encode())
+    assert admin.ok("GET", f"/api/queue/{job_id}/logs", params={"offset": size - 5}).content == (
+        full.encode()[-5:])
+    for past_the_end in (size, 2**62):  # a follower at the end, or far beyond it: nothing
+        assert admin.ok("GET", f"/api/queue/{job_id}/logs",
+                        params={"offset": past_the_end}).content == b""
+    for bad in ("-1", str(2**63)):
+        answer = admin.ok("GET", f"/api/queue/{job_id}/logs", 422, params={"offset": bad})
+        assert "offset" in answer.json()["detail"]
     assert "no job" in admin.ok("GET", "/api/queue/nosuchjob/logs", 404).json()["detail"]
     after = admin.ok("GET", "/api/system/status", params={"include_allocation": "true"}).json()
     assert after["gpu_allocation"]["allocated_gpus"] == []
