@@ -149,6 +149,14 @@ def _unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Er
     return _answer(request, HTTP_503_SERVICE_UNAVAILABLE, detail)
 
 
+def _recursion(request: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorBody]:
+    # msgspec gives up on a body nested deeper than it will decode; Litestar passes that
+    # on as it is (it maps only DecodeError to a 400)
+    if "deserializing" in str(exc):
+        return _answer(request, HTTP_400_BAD_REQUEST, "malformed JSON body: nested too deeply")
+    return _internal(request, exc)
+
+
 def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     log.exception("unhandled_error", path=request.url.path, error=repr(exc))
     request_id = request.scope.get(REQUEST_ID_KEY)  # type: ignore[call-overload]
@@ -163,5 +171,6 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     msgspec.ValidationError: _msgspec,
     EngineUnavailable: _unavailable,
     LogError: _unavailable,
+    RecursionError: _recursion,
     Exception: _internal,
 }

@@ -182,6 +182,17 @@ async def test_malformed_json_is_400(api, raw) -> None:
     assert response.json()["detail"]
 
 
+@pytest.mark.parametrize("path", ["/api/queue/submit", "/api/queue/concurrency"])
+async def test_json_nested_too_deeply_is_400(api, path) -> None:
+    depth = 100_000  # well under 1 MiB, far deeper than any decoder recurses
+    raw = b'{"config_name": "cpu", "metadata": {"a": ' + b"[" * depth + b"]" * depth + b"}}"
+    response = await api.client.post(path, content=raw,
+                                     headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "nested too deeply" in response.json()["detail"]
+    assert submitted_events(api) == []
+
+
 async def test_missing_body_is_400(api) -> None:
     response = await api.client.post("/api/queue/submit")
     assert response.status_code == 400
