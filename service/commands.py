@@ -44,6 +44,7 @@ from service.scheduler import Placement, never_fits, probe
 __all__ = [
     "DomainError", "UnknownJob", "UnknownUser", "UnknownConfig", "WrongState", "NotAllowed",
     "InvalidRequest", "Conflict", "Actor", "LOCAL_ADMIN", "SYSTEM", "Outcome", "handle", "can_see_all",
+    "require_admin", "check_own_or_all",
     "ConfigSpec", "Submit", "Cancel", "Approve", "Reject", "SetPriority", "ChangeSettings",
     "Cleanup", "CreateUser", "UpdateUser", "IssueToken", "RevokeToken", "ObserveInventory",
     "ReportStarted", "ReportExited", "ReportFailed", "ReportCancelled", "ExpireApprovals",
@@ -120,7 +121,8 @@ def _require(actor: Actor, levels: tuple[str, ...], action: str) -> None:
         raise NotAllowed(f"{action} needs level {' or '.join(levels)}; you are {actor.level}")
 
 
-def _require_admin(actor: Actor, action: str) -> None:
+def require_admin(actor: Actor, action: str) -> None:
+    """Only admins may do ``action`` (reads check it too: users, configs, audit export)."""
     _require(actor, ("admin",), action)
 
 
@@ -131,7 +133,8 @@ def _job(state: QueueState, job_id: str) -> JobEntry:
     return job
 
 
-def _own_or_all(actor: Actor, job: JobEntry, action: str) -> None:
+def check_own_or_all(actor: Actor, job: JobEntry, action: str = "view") -> None:
+    """Researchers and viewers may ``action`` their own jobs; leads and admins every job."""
     if job.user_id != actor.user_id and not can_see_all(actor):
         raise NotAllowed(f"job {job.job_id} belongs to another user; only leads and admins "
                          f"may {action} it")
@@ -290,25 +293,25 @@ def handle(command: Command, state: QueueState, actor: Actor, now: float) -> Out
         case Cancel():
             return _cancel(command, state, actor)
         case Approve():
-            _require_admin(actor, "approving a job")
+            require_admin(actor, "approving a job")
             job = _blocked(state, command.job_id, "approved")
             return Outcome(events=[JobApproved(job_id=job.job_id)], job_id=job.job_id)
         case Reject():
-            _require_admin(actor, "rejecting a job")
+            require_admin(actor, "rejecting a job")
             job = _blocked(state, command.job_id, "rejected")
             reason = (command.reason or "").strip() or f"rejected by {actor.name}"
             return Outcome(events=[JobRejected(job_id=job.job_id, reason=reason)], job_id=job.job_id)
         case SetPriority():
             return _set_priority(command, state, actor)
         case ChangeSettings():
-            _require_admin(actor, "changing queue settings")
+            require_admin(actor, "changing queue settings")
             settings = validated_settings(state.settings, command.changes)
             events: list[AnyEvent] = []
             if settings != state.settings:
                 events.append(SettingsChanged(settings=settings))
             return Outcome(events=events)
         case Process():
-            _require_admin(actor, "triggering a scheduling pass")
+            require_admin(actor, "triggering a scheduling pass")
             return Outcome()
         case Cleanup():
             return _cleanup(command, state, actor, now)
@@ -317,14 +320,14 @@ def handle(command: Command, state: QueueState, actor: Actor, now: float) -> Out
         case UpdateUser():
             return _update_user(command, state, actor)
         case IssueToken():
-            _require_admin(actor, "issuing tokens")
+            require_admin(actor, "issuing tokens")
             _user(state, command.user_id)
             issued = TokenIssued(
                 user_id=command.user_id, token_id=command.token_id, token_hash=command.token_hash
             )
             return Outcome(events=[issued], user_id=command.user_id)
         case RevokeToken():
-            _require_admin(actor, "revoking tokens")
+            require_admin(actor, "revoking tokens")
             _user(state, command.user_id)
             token = state.tokens.get(command.token_id)
             if token is None or token.user_id != command.user_id:
@@ -493,7 +496,7 @@ def _cancel(command: Cancel, state: QueueState, actor: Actor) -> Outcome:
         targets = []
         for job_id in dict.fromkeys(command.job_ids):
             job = _job(state, job_id)
-            _own_or_all(actor, job, "cancel")
+            check_own_or_all(actor, job, "cancel")
             if job.status in TERMINAL:
                 raise WrongState(f"job {job_id} is already {job.status}; nothing was cancelled")
             targets.append(job)
@@ -572,7 +575,7 @@ def validated_settings(current: Settings, changes: dict[str, Any]) -> Settings:
 
 
 def _cleanup(command: Cleanup, state: QueueState, actor: Actor, now: float) -> Outcome:
-    _require_admin(actor, "cleaning up the queue")
+    require_admin(actor, "cleaning up the queue")
     days = command.days
     if isinstance(days, bool) or not 1 <= days <= 365:
         raise InvalidRequest(f"days must be 1 to 365, not {days}")
@@ -620,7 +623,7 @@ def _check_name(state: QueueState, name: Any, user_id: int | None) -> str:
 
 
 def _create_user(command: CreateUser, state: QueueState, actor: Actor) -> Outcome:
-    _require_admin(actor, "managing users")
+    require_admin(actor, "managing users")
     level = _check_level(command.level)
     name = _check_name(state, command.name, None)
     if not state.users and level != "admin":
@@ -637,7 +640,7 @@ def _create_user(command: CreateUser, state: QueueState, actor: Actor) -> Outcom
 
 
 def _update_user(command: UpdateUser, state: QueueState, actor: Actor) -> Outcome:
-    _require_admin(actor, "managing users")
+    require_admin(actor, "managing users")
     _user(state, command.user_id)
     user = state.users[command.user_id]
     unknown = sorted(set(command.changes) - {"name", "level", "team_id"})

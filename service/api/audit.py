@@ -34,10 +34,10 @@ from litestar.response import Stream
 
 from events.export import FIELDS, row_to_export
 from events.log import EventLog, Row
-from service.api.auth import CurrentActor, require_admin
+from service.api.auth import CurrentActor
 from service.api.context import runtime_of
 from service.api.errors import error_responses
-from service.commands import InvalidRequest
+from service.commands import InvalidRequest, require_admin
 
 __all__ = ["audit_router", "parse_time", "ExportFilter"]
 

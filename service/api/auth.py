@@ -7,8 +7,8 @@ token's sha256 is looked up in the committed state. A missing or unknown token i
 so an ``/api`` route that forgets to ask for ``actor`` is still protected; the dependency
 ``actor`` reuses what it found.
 
-Writes are checked by the command handler (``service.commands``); reads, which never
-reach it, are checked here with the same rules.
+Permissions live in ``service.commands``: writes are checked by the command handler,
+reads (which never reach it) call its ``require_admin`` and ``check_own_or_all``.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from projections.state import JobEntry, QueueState
-from service.commands import LOCAL_ADMIN, Actor, NotAllowed, can_see_all
+from projections.state import QueueState
+from service.commands import LOCAL_ADMIN, Actor
 from service.ids import token_hash
 
 __all__ = [
     "Unauthenticated", "current_actor", "actor_of_scope", "authentication_middleware",
-    "provide_actor", "actor_dependency",
-    "require_admin", "check_can_view", "can_see_all", "Actor", "CurrentActor",
+    "provide_actor", "actor_dependency", "Actor", "CurrentActor",
 ]
 
 _ACTOR_KEY = "gpuyard.actor"
@@ -105,14 +104,3 @@ actor_dependency = Provide(provide_actor, sync_to_thread=False)
 CurrentActor = NamedDependency[Actor]
 """How a route asks for its caller: ``actor: CurrentActor`` (``actor: Actor`` works too)."""
 
-
-def require_admin(actor: Actor, action: str) -> None:
-    if actor.level != "admin":
-        raise NotAllowed(f"{action} needs level admin; you are {actor.level}")
-
-
-def check_can_view(actor: Actor, job: JobEntry) -> None:
-    """Researchers and viewers see their own jobs; leads and admins every job."""
-    if job.user_id != actor.user_id and not can_see_all(actor):
-        raise NotAllowed(f"job {job.job_id} belongs to another user; only leads and admins "
-                         "may view it")

@@ -12,11 +12,11 @@ import structlog
 from litestar import Request, Router, get, put
 from litestar.params import FromPath, JSONBody
 
-from service.api.auth import CurrentActor, require_admin
+from service.api.auth import CurrentActor
 from service.api.context import runtime_of
 from service.api.errors import error_responses
 from service.api.models import ConfigBody, ConfigListing, ConfigOut, InvalidConfig
-from service.commands import ConfigSpec, InvalidRequest
+from service.commands import ConfigSpec, InvalidRequest, require_admin
 
 __all__ = ["configs_router"]
 

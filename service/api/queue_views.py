@@ -13,7 +13,7 @@ from projections import views
 from projections.state import JobEntry, QueueState
 from service import scheduler
 from service.api import entries
-from service.api.auth import CurrentActor, check_can_view
+from service.api.auth import CurrentActor
 from service.api.context import engine_of, read_now
 from service.api.errors import error_responses
 from service.api.models import (
@@ -28,7 +28,7 @@ from service.api.models import (
     StatsResponse,
 )
 from service.api.read_cache import ReadCache
-from service.commands import Actor, NotAllowed, UnknownJob, can_see_all
+from service.commands import Actor, NotAllowed, UnknownJob, can_see_all, check_own_or_all
 
 __all__ = ["QUEUE_VIEWS", "settings_out"]
 
@@ -41,7 +41,7 @@ def _job(state: QueueState, job_id: str, actor: Actor) -> JobEntry:
     job = state.jobs.get(job_id)
     if job is None:
         raise UnknownJob(f"no job with id {job_id!r}")
-    check_can_view(actor, job)
+    check_own_or_all(actor, job)
     return job
 
 

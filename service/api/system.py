@@ -22,9 +22,9 @@ from msgspec import Struct
 
 from projections import views
 from projections.state import QueueState
-from service.api.auth import CurrentActor, check_can_view
+from service.api.auth import CurrentActor
 from service.api.errors import error_responses
-from service.commands import UnknownJob
+from service.commands import UnknownJob, check_own_or_all
 from service.executors.run_files import RunFiles, read_tail
 from service.gpus import Inventory, gpu_usage
 
@@ -190,7 +190,7 @@ async def job_logs(
     job = runtime.engine.state.jobs.get(job_id)
     if job is None:
         raise UnknownJob(f"no job with id {job_id!r}")
-    check_can_view(actor, job)
+    check_own_or_all(actor, job)
     path = RunFiles(Path(runtime.data_dir) / "runs", job_id).output
     if tail is None:
         return Stream(_whole_file(path, offset or 0), media_type=TEXT)

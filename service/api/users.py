@@ -14,7 +14,7 @@ from litestar.params import FromPath, JSONBody
 from msgspec import UNSET
 
 from projections.state import QueueState
-from service.api.auth import CurrentActor, require_admin
+from service.api.auth import CurrentActor
 from service.api.context import engine_of, request_id_of
 from service.api.errors import error_responses
 from service.api.models import (
@@ -27,7 +27,7 @@ from service.api.models import (
     UserOut,
     UserUpdate,
 )
-from service.commands import CreateUser, IssueToken, RevokeToken, UpdateUser
+from service.commands import CreateUser, IssueToken, RevokeToken, UpdateUser, require_admin
 from service.ids import new_token, new_token_id, token_hash
 
 __all__ = ["users_router"]
