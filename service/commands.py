@@ -484,6 +484,8 @@ def _cancel_events(job: JobEntry) -> list[AnyEvent]:
 
 
 def _cancel(command: Cancel, state: QueueState, actor: Actor) -> Outcome:
+    if command.all and command.job_ids:
+        raise InvalidRequest("give either job_ids or all: true, not both")
     if command.all:
         everyone = can_see_all(actor)
         targets = [

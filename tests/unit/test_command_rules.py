@@ -317,6 +317,8 @@ def test_bulk_cancel_is_atomic() -> None:
     refused(world, NotAllowed, Cancel(job_ids=("a2", "b1")), ALICE, 10.0)
     assert world.status("a2") == "pending"
     refused(world, InvalidRequest, Cancel(), ALICE, 10.0)
+    both = refused(world, InvalidRequest, Cancel(job_ids=("a2",), all=True), ALICE, 10.0)
+    assert "not both" in both and world.status("a2") == "pending"
 
 
 @pytest.mark.parametrize(
