@@ -13,11 +13,13 @@ import msgspec
 
 from events.codec import canonical_json
 
-__all__ = ["FIELDS", "Row", "row_to_export", "row_from_export"]
+__all__ = ["FIELDS", "Row", "row_to_export", "row_from_export", "jsonl_line", "csv_cells"]
 
 FIELDS = ("seq", "at", "type", "actor", "correlation_id", "causation_id", "data", "hash")
 
 Row = tuple[int, float, str, str, "str | None", "int | None", bytes, bytes]
+
+_ENCODE = msgspec.json.Encoder().encode
 
 
 def row_to_export(row: Row) -> dict[str, Any]:
@@ -32,6 +34,18 @@ def row_to_export(row: Row) -> dict[str, Any]:
         "data": msgspec.json.decode(data),
         "hash": bytes(digest).hex(),
     }
+
+
+def jsonl_line(row: Row) -> bytes:
+    """The row as one line of a JSONL export, newline included."""
+    return _ENCODE(row_to_export(row)) + b"\n"
+
+
+def csv_cells(row: Row) -> list[object]:
+    """The row as the cells of a CSV export line (``data`` as its JSON text)."""
+    seq, at, type_, actor, corr, cause, data, digest = row
+    return [seq, repr(float(at)), type_, actor, corr or "", "" if cause is None else cause,
+            bytes(data).decode("utf-8"), bytes(digest).hex()]
 
 
 def row_from_export(line: dict[str, Any]) -> Row:

@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from events.envelope import Recorded
-from events.export import row_to_export
+from events.export import jsonl_line
 from events.log import EventLog
 from events.types import GpuDevice, JobCancelRequested, JobDispatched
 from service.commands import (
@@ -266,7 +266,7 @@ def export(path: Path, dest: Path) -> int:
     count = log.verify()
     with dest.open("wb") as out:
         for row in log.rows():
-            out.write(msgspec.json.encode(row_to_export(row)) + b"\n")
+            out.write(jsonl_line(row))
     log.close()
     return count
 

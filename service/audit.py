@@ -24,7 +24,7 @@ import msgspec
 
 from events.codec import decode_event
 from events.envelope import GENESIS_HASH, Recorded, canonical_bytes, chain_hash
-from events.export import FIELDS, row_from_export, row_to_export
+from events.export import FIELDS, csv_cells, jsonl_line, row_from_export
 from events.log import ChainBroken, EventLog, LogError, Row, verify_rows
 
 __all__ = [
@@ -244,10 +244,9 @@ def verify_partial(path: str | Path) -> Verified:
 def write_export(rows: Iterable[Row], out: IO[bytes], fmt: str = "jsonl") -> int:
     """Write rows as an audit export (the same lines as ``GET /api/audit/export``)."""
     if fmt == "jsonl":
-        encoder = msgspec.json.Encoder()
         count = 0
         for row in rows:
-            out.write(encoder.encode(row_to_export(row)) + b"\n")
+            out.write(jsonl_line(row))
             count += 1
         return count
     if fmt != "csv":
@@ -256,11 +255,8 @@ def write_export(rows: Iterable[Row], out: IO[bytes], fmt: str = "jsonl") -> int
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(FIELDS)
     count = 0
-    for seq, at, type_, actor, corr, cause, data, digest in rows:
-        writer.writerow([
-            seq, repr(float(at)), type_, actor, corr or "", "" if cause is None else cause,
-            bytes(data).decode(), bytes(digest).hex(),
-        ])
+    for row in rows:
+        writer.writerow(csv_cells(row))
         count += 1
     text.detach()
     return count

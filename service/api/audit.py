@@ -2,7 +2,7 @@
 
 The export reads through its own read-only connection to the log (WAL readers never
 block the writer) in a worker thread, in chunks, so a large log streams in constant
-memory. Each line is ``events.export.row_to_export``'s:
+memory. Each line is ``events.export``'s (``jsonl_line``, ``csv_cells``):
 ``seq, at, type, actor, correlation_id, causation_id, data, hash``.
 
 Filters: ``after_seq`` (exclusive), ``since``/``until`` (ISO 8601, naive means UTC, or
@@ -32,7 +32,7 @@ from litestar.openapi.spec import (
 from litestar.params import FromQuery, QueryParameter
 from litestar.response import Stream
 
-from events.export import FIELDS, row_to_export
+from events.export import FIELDS, csv_cells, jsonl_line
 from events.log import EventLog, Row
 from service.api.auth import CurrentActor
 from service.api.context import runtime_of
@@ -44,7 +44,6 @@ __all__ = ["audit_router", "parse_time", "ExportFilter"]
 CHUNK_ROWS = 500
 JSONL = "application/x-ndjson"
 CSV = "text/csv; charset=utf-8"
-_ENCODER = msgspec.json.Encoder()
 
 
 def parse_time(name: str, text: str | None) -> float | None:
@@ -112,17 +111,9 @@ class ExportFilter:
         return True
 
 
-def _jsonl(row: Row) -> bytes:
-    return _ENCODER.encode(row_to_export(row)) + b"\n"
-
-
 def _csv_rows(rows: list[Row]) -> bytes:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    for seq, at, type_, actor, corr, cause, data, digest in rows:
-        writer.writerow([seq, repr(at), type_, actor, corr or "",
-                         "" if cause is None else cause, bytes(data).decode("utf-8"),
-                         bytes(digest).hex()])
+    csv.writer(out, lineterminator="\n").writerows(map(csv_cells, rows))
     return out.getvalue().encode("utf-8")
 
 
@@ -137,10 +128,10 @@ def _export(log: EventLog, after_seq: int, keep: ExportFilter, fmt: str) -> Iter
             if keep.keep(row):
                 chunk.append(row)
                 if len(chunk) >= CHUNK_ROWS:
-                    yield _csv_rows(chunk) if fmt == "csv" else b"".join(map(_jsonl, chunk))
+                    yield _csv_rows(chunk) if fmt == "csv" else b"".join(map(jsonl_line, chunk))
                     chunk = []
         if chunk:
-            yield _csv_rows(chunk) if fmt == "csv" else b"".join(map(_jsonl, chunk))
+            yield _csv_rows(chunk) if fmt == "csv" else b"".join(map(jsonl_line, chunk))
     finally:
         log.close()
 

@@ -14,6 +14,7 @@ import pytest
 
 from events.export import row_from_export
 from events.log import verify_rows
+from service.audit import write_export
 from service.commands import ConfigSpec, InvalidRequest, UnknownConfig
 from service.configs import ConfigStore
 
@@ -125,6 +126,16 @@ async def test_audit_export_csv(api) -> None:
     assert list(rows[0]) == ["seq", "at", "type", "actor", "correlation_id", "causation_id",
                              "data", "hash"]
     assert verify_rows([row_from_export(row) for row in rows]) == len(rows)
+
+
+async def test_the_api_and_the_cli_write_an_export_with_the_same_bytes(api) -> None:
+    await api.submit_ok("cpu")
+    await api.submit_ok("cpu", requires_approval=True)
+    for fmt in ("jsonl", "csv"):
+        served = (await api.get("/api/audit/export", format=fmt)).content
+        written = io.BytesIO()  # what `gpuyard audit export --db` writes
+        write_export(api.runtime.event_log.rows(), written, fmt)
+        assert served == written.getvalue(), fmt
 
 
 async def test_audit_export_filters(api) -> None:
