@@ -8,11 +8,8 @@ the engine, the inventory record and the local executor live as long as the app.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -27,6 +24,7 @@ from service.api.panel import panel_router
 from service.api.queue_actions import queue_router
 from service.api.read_cache import ReadCache
 from service.api.request_id import echo_request_id, request_id_middleware
+from service.api.system import system_router
 from service.api.users import users_router
 from service.commands import Actor
 from service.runtime import Runtime
@@ -34,14 +32,6 @@ from service.runtime import Runtime
 __all__ = ["create_app"]
 
 API_VERSION = "1.0.0"
-
-
-def _optional_routers() -> list[Any]:
-    """Routers that live in modules of their own (``service.api.system``)."""
-    if importlib.util.find_spec("service.api.system") is None:
-        return []
-    module = importlib.import_module("service.api.system")
-    return [module.system_router]
 
 
 def create_app(runtime: Runtime) -> Litestar:
@@ -66,7 +56,7 @@ def create_app(runtime: Runtime) -> Litestar:
     )
     return Litestar(
         route_handlers=[queue_router, users_router, configs_router,
-                        audit_router, panel_router, *_optional_routers()],
+                        audit_router, panel_router, system_router],
         dependencies={"actor": actor_dependency},
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[request_id_middleware, authentication_middleware],
