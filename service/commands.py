@@ -656,6 +656,8 @@ def _update_user(command: UpdateUser, state: QueueState, actor: Actor) -> Outcom
     admins = [u for u in state.users.values() if u.level == "admin"]
     if user.level == "admin" and level != "admin" and len(admins) == 1:
         raise Conflict("this is the last admin; make another user admin first")
+    if (name, level, team_id) == (user.name, user.level, user.team_id):
+        return Outcome(user_id=user.user_id)  # nothing changes: nothing to record
     event = UserUpdated(user_id=user.user_id, name=name, level=level, team_id=team_id)
     return Outcome(events=[event], user_id=user.user_id)
 

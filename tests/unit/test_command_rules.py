@@ -564,6 +564,8 @@ def test_users_and_tokens() -> None:
 
     world.do(UpdateUser(user_id=2, changes={"level": "lead", "team_id": None}), ADMIN, now=4.0)
     assert (world.state.users[2].level, world.state.users[2].team_id) == ("lead", None)
+    assert world.do(UpdateUser(user_id=2, changes={"level": "lead"}), ADMIN, now=4.5).events == []
+    assert world.do(UpdateUser(user_id=2, changes={}), ADMIN, now=4.5).events == []
     refused(world, InvalidRequest, UpdateUser(user_id=2, changes={"email": "x"}), ADMIN, 5.0)
     refused(world, UnknownUser, UpdateUser(user_id=9, changes={"level": "lead"}), ADMIN, 5.0)
     detail = refused(world, Conflict, UpdateUser(user_id=1, changes={"level": "lead"}),
