@@ -451,8 +451,9 @@ def _submit(command: Submit, state: QueueState, actor: Actor, now: float) -> Out
     )
     if not (command.no_wait or command.dry_run):
         return Outcome(events=[submitted], job_id=command.job_id)
+    # a dry run answers what the same request without it would get, no_wait included
     if approval is not None:
-        status = "blocked" if command.dry_run else "rejected"
+        status = "rejected" if command.no_wait else "blocked"
         return Outcome(job_id=None, status=status)
     candidate = JobEntry(
         job_id=command.job_id,
@@ -467,7 +468,7 @@ def _submit(command: Submit, state: QueueState, actor: Actor, now: float) -> Out
     )
     placement = probe(state, candidate, now)
     if command.dry_run:
-        status = "running" if placement.starts else "queued"
+        status = "running" if placement.starts else "rejected" if command.no_wait else "queued"
         return Outcome(job_id=None, status=status, placement=placement)
     if not placement.starts:
         return Outcome(job_id=None, status="rejected", placement=placement)

@@ -217,6 +217,11 @@ def test_no_wait_that_cannot_start_is_rejected_and_nothing_is_queued(
         pytest.param({"num_processes": 2}, "queued", id="would-wait"),
         pytest.param({"num_processes": 1, "requires_approval": True}, "blocked", id="would-block"),
         pytest.param({"num_processes": 1, "estimated_cost": 75.0}, "blocked", id="cost-blocks"),
+        # with no_wait, what that submission would get: started now, or refused
+        pytest.param({"num_processes": 1, "no_wait": True}, "running", id="no-wait-would-start"),
+        pytest.param({"num_processes": 2, "no_wait": True}, "rejected", id="no-wait-would-wait"),
+        pytest.param({"num_processes": 1, "requires_approval": True, "no_wait": True},
+                     "rejected", id="no-wait-would-block"),
     ],
 )
 def test_dry_run_writes_nothing(options: dict[str, Any], status: str) -> None:
