@@ -73,17 +73,16 @@ def queue_entry(job: JobEntry, state: QueueState, now: float, position: int | No
 # ---------------------------------------------------------------- pending jobs in order
 
 
-def _users_pending(state: QueueState, user_id: int, now: float) -> list[JobEntry]:
-    """One user's pending jobs in queue order, without walking anybody else's."""
+def _users_pending(state: QueueState, user_id: int, now: float) -> list[tuple[JobEntry, int]]:
+    """One user's pending jobs with their global positions, in queue order (the
+    scheduler's ``position``), without walking anybody else's."""
     jobs = state.jobs
     mine = [
-        jobs[key[2]]
+        (job, scheduler.position(state, job, now) or 0)
         for (owner, _), keys in state.pending.by_user.items() if owner == user_id
-        for key in keys
+        for job in (jobs[key[2]] for key in keys)
     ]
-    settings = state.settings
-    mine.sort(key=lambda job: (-scheduler.job_effective_priority(job, now, settings),
-                               job.queued_at, job.submit_seq))
+    mine.sort(key=lambda placed: placed[1])
     return mine
 
 
@@ -96,9 +95,7 @@ def _pending_page(
         ordered = islice(scheduler.pending_in_order(state, now), offset, offset + limit)
         return [(job, offset + i + 1) for i, job in enumerate(ordered)], total
     mine = _users_pending(state, user_id, now)
-    page = mine[offset: offset + limit]
-    positions = [scheduler.position(state, job, now) or 0 for job in page]
-    return list(zip(page, positions, strict=True)), len(mine)
+    return mine[offset: offset + limit], len(mine)
 
 
 def _newest_first(jobs: Iterable[JobEntry]) -> list[JobEntry]:
@@ -165,7 +162,6 @@ def listing(
 def me(state: QueueState, now: float, user_id: int) -> MeResponse:
     """``GET /api/queue/me``: the caller's pending (in order) and running jobs."""
     pending = _users_pending(state, user_id, now)
-    positions = [scheduler.position(state, job, now) for job in pending]
     jobs = state.jobs
     running = _newest_first(
         jobs[job_id] for job_id in state.running if jobs[job_id].user_id == user_id
@@ -175,9 +171,8 @@ def me(state: QueueState, now: float, user_id: int) -> MeResponse:
         pending_count=len(pending),
         running_count=len(running),
         blocked_count=blocked,
-        best_position=positions[0] if positions else None,
-        pending_jobs=[queue_entry(job, state, now, pos)
-                      for job, pos in zip(pending, positions, strict=True)],
+        best_position=pending[0][1] if pending else None,
+        pending_jobs=[queue_entry(job, state, now, pos) for job, pos in pending],
         running_jobs=[queue_entry(job, state, now, None) for job in running],
     )
 

@@ -152,6 +152,20 @@ async def test_seed_me_shape(api) -> None:
     assert viewer["best_position"] is None and viewer["pending_jobs"] == []
 
 
+async def test_my_jobs_follow_the_queue_order_when_an_override_reorders_them(api) -> None:
+    jobs = await given_a_queue(api)
+    raised = await api.post(f"/api/queue/{jobs['r2']}/priority", {"priority": 25}, "lead")
+    assert raised.json()["position"] == 2  # behind the admin's job (30), ahead of the lead's
+    me = (await api.get("/api/queue/me", "researcher")).json()
+    assert [(j["job_id"], j["position"]) for j in me["pending_jobs"]] == [
+        (jobs["r2"], 2), (jobs["r1"], 4)]
+    assert me["best_position"] == 2
+    mine = (await api.get("/api/queue", "researcher")).json()["entries"]
+    assert [(e["job_id"], e["position"]) for e in mine][:2] == [(jobs["r2"], 2), (jobs["r1"], 4)]
+    second = (await api.get("/api/queue", "researcher", limit=1, offset=1)).json()["entries"]
+    assert [(e["job_id"], e["position"]) for e in second] == [(jobs["r1"], 4)]
+
+
 async def test_position_of_a_job(api) -> None:
     jobs = await given_a_queue(api)
     position = (await api.get(f"/api/queue/position/{jobs['r2']}", "researcher")).json()
