@@ -64,9 +64,3 @@ def decoder_for(type_: str) -> Callable[[bytes], AnyEvent]:
     if decoder is None or type_ in UPCASTERS:
         return functools.partial(decode_event, type_)
     return decoder.decode  # type: ignore[no-any-return,return-value]
-
-
-def event_to_builtins(event: Event) -> dict[str, Any]:
-    """The event as plain dicts and lists (for exports and snapshots)."""
-    result: dict[str, Any] = msgspec.json.decode(_ENCODER.encode(event))
-    return result

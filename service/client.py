@@ -139,9 +139,6 @@ class Client:
         response = self.request("DELETE", path)
         return response.json() if response.content else None
 
-    def text(self, path: str, **params: Any) -> str:
-        return self.request("GET", path, params=params).text
-
     @contextmanager
     def stream(self, path: str, **params: Any) -> Iterator[Iterator[bytes]]:
         """GET ``path`` and yield its body chunk by chunk, never all at once."""
