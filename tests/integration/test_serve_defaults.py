@@ -1,0 +1,61 @@
+"""SPEC section 1 as a client or an operator meets it: where ``gpuyard serve`` keeps its
+data (``--data-dir``, else ``GPUYARD_DATA_DIR``, else ``~/.gpuyard``) and the start-up
+line the seed's troubleshooting looks for. Real ``gpuyard serve`` processes on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from serverproc import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+STARTED = "Queue scheduler started with 5s processing interval"
+
+
+class ServeWithoutDataDir(ServerProcess):
+    """``gpuyard serve`` given no ``--data-dir``; its own log goes to ``log_dir``."""
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        at = argv.index("--data-dir")
+        return argv[:at] + argv[at + 2:]
+
+
+def serve_without_data_dir(log_dir: Path, env: dict[str, str]) -> None:
+    """Start a server with ``env`` and no ``--data-dir``, check it answers, stop it."""
+    server = ServeWithoutDataDir(log_dir, gpus="2xA100:40", env=env)
+    server.start()
+    try:
+        stats = httpx.get(server.url + "/api/queue/stats", timeout=30.0).json()
+        assert stats["local"]["total_gpus"] == 2
+    finally:
+        server.stop(kill_jobs=True)
+    assert STARTED in server.log_path.read_text()
+
+
+def test_gpuyard_data_dir_is_used_when_no_flag_is_given(tmp_path: Path) -> None:
+    chosen = tmp_path / "from-env"
+    serve_without_data_dir(tmp_path / "logs", {"GPUYARD_DATA_DIR": str(chosen),
+                                        "HOME": str(tmp_path / "home")})
+    assert (chosen / "events.db").is_file()
+    assert (chosen / "configs").is_dir() and (chosen / "runs").is_dir()
+    assert not (tmp_path / "home" / ".gpuyard").exists()
+
+
+def test_the_default_data_dir_is_dot_gpuyard_in_home(tmp_path: Path) -> None:
+    serve_without_data_dir(tmp_path / "logs",
+                           {"GPUYARD_DATA_DIR": "", "HOME": str(tmp_path / "home")})
+    assert (tmp_path / "home" / ".gpuyard" / "events.db").is_file()
+
+
+def test_the_flag_wins_over_gpuyard_data_dir(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "flag", gpus="none",
+                           env={"GPUYARD_DATA_DIR": str(tmp_path / "from-env")})
+    server.start()
+    server.stop(kill_jobs=True)
+    assert (tmp_path / "flag" / "events.db").is_file()
+    assert not (tmp_path / "from-env").exists()
+    assert STARTED in server.log_path.read_text()
