@@ -44,7 +44,7 @@ from service.scheduler import Placement, never_fits, probe
 __all__ = [
     "DomainError", "UnknownJob", "UnknownUser", "UnknownConfig", "WrongState", "NotAllowed",
     "InvalidRequest", "Conflict", "Actor", "LOCAL_ADMIN", "SYSTEM", "Outcome", "handle", "can_see_all",
-    "require_admin", "check_own_or_all",
+    "require_admin", "check_own_or_all", "listing_scope",
     "ConfigSpec", "Submit", "Cancel", "Approve", "Reject", "SetPriority", "ChangeSettings",
     "Cleanup", "CreateUser", "UpdateUser", "IssueToken", "RevokeToken", "ObserveInventory",
     "ReportStarted", "ReportExited", "ReportFailed", "ReportCancelled", "ExpireApprovals",
@@ -114,6 +114,17 @@ SYSTEM = Actor(user_id=-1, name="system", level="admin")
 def can_see_all(actor: Actor) -> bool:
     """Leads and admins view and cancel every job; others their own (SPEC section 6)."""
     return actor.level in ("lead", "admin")
+
+
+def listing_scope(actor: Actor, user_id: int | None) -> int | None:
+    """Whose queue entries ``actor`` may list: ``user_id`` as asked (``None``: everyone's)
+    for leads and admins, only their own for researchers and viewers."""
+    if can_see_all(actor):
+        return user_id
+    if user_id is not None and user_id != actor.user_id:
+        raise NotAllowed("researchers and viewers see only their own entries; "
+                         "leave user_id out or give your own")
+    return actor.user_id
 
 
 def _require(actor: Actor, levels: tuple[str, ...], action: str) -> None:

@@ -28,7 +28,7 @@ from service.api.models import (
     StatsResponse,
 )
 from service.api.read_cache import ReadCache
-from service.commands import Actor, NotAllowed, UnknownJob, can_see_all, check_own_or_all
+from service.commands import Actor, UnknownJob, check_own_or_all, listing_scope
 
 __all__ = ["QUEUE_VIEWS", "settings_out"]
 
@@ -74,11 +74,7 @@ def list_queue(
     """Pending jobs in position order, then the rest newest first. Researchers and viewers
     see their own entries only (positions stay global). ``queued`` means ``pending``; a
     ``status`` filter shows that status even when it is terminal."""
-    if not can_see_all(actor):
-        if user_id is not None and user_id != actor.user_id:
-            raise NotAllowed("researchers and viewers see only their own entries; "
-                             "leave user_id out or give your own")
-        user_id = actor.user_id
+    user_id = listing_scope(actor, user_id)
     state = engine_of(request).state
     shown = "pending" if status == "queued" else status
     key = ("queue", shown, limit, offset, include_completed, user_id)

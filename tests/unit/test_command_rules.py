@@ -35,6 +35,7 @@ from service.commands import (
     UnknownUser,
     UpdateUser,
     WrongState,
+    listing_scope,
 )
 
 HOUR = 3600.0
@@ -498,6 +499,16 @@ def test_only_admins_change_settings_process_or_clean_up(actor: Any) -> None:
     refused(world, NotAllowed, ChangeSettings({"max_concurrent": 9}), actor, 1.0)
     refused(world, NotAllowed, Process(), actor, 1.0)
     refused(world, NotAllowed, Cleanup(30), actor, 1.0)
+
+
+def test_researchers_and_viewers_list_only_their_own_entries() -> None:
+    assert listing_scope(LEAD, None) is None
+    assert listing_scope(ADMIN, ALICE.user_id) == ALICE.user_id
+    for actor in (ALICE, VIEWER):
+        assert listing_scope(actor, None) == actor.user_id
+        assert listing_scope(actor, actor.user_id) == actor.user_id
+        with pytest.raises(NotAllowed):
+            listing_scope(actor, LEAD.user_id)
 
 
 def test_raising_a_limit_starts_waiting_jobs() -> None:
