@@ -1,8 +1,8 @@
 """``gpuyard serve``: configure logging, build the runtime and the app, run uvicorn.
 
 A mistake in the arguments (a malformed ``--gpus``, a data directory that cannot be
-used, a log that cannot be opened) is one line on stderr and exit status 2, before
-anything starts.
+used, a log that cannot be opened or replayed) is one line on stderr and exit status 2,
+before anything starts.
 
 uvicorn writes a response's status line and headers, then its body, as two socket
 writes: two packets, two wake-ups of the client. :class:`CoalescingTransport` holds
@@ -16,6 +16,7 @@ import asyncio
 import sys
 from typing import Any
 
+import msgspec
 import structlog
 
 from events.log import LogError
@@ -78,18 +79,27 @@ def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
     import uvicorn
 
     from service.api import create_app
+    from service.gpus import parse_gpu_spec
     from service.runtime import Runtime
 
     configure_logging()
     if not 0 <= port <= 65535:
         _refuse(f"--port must be 0-65535, not {port}")
+    if gpus is not None:
+        # checked on its own: building the runtime replays the log, whose decode errors
+        # are ValueErrors too and must not be blamed on --gpus
+        try:
+            parse_gpu_spec(gpus)
+        except ValueError as exc:
+            _refuse(f"--gpus: {exc}")
     try:
         runtime = Runtime(data_dir, gpus)
-    except ValueError as exc:
-        _refuse(f"--gpus: {exc}")
-        return
     except (LogError, OSError) as exc:
         _refuse(f"cannot use the data directory: {exc}")
+        return
+    except msgspec.MsgspecError as exc:
+        _refuse(f"cannot replay the event log: an event in it cannot be read ({exc}); "
+                "`gpuyard audit verify --db <data-dir>/events.db` names the first bad seq")
         return
     app = create_app(runtime)
     structlog.get_logger("gpuyard.serve").info(

@@ -1,14 +1,19 @@
 """SPEC section 1 as a client or an operator meets it: where ``gpuyard serve`` keeps its
-data (``--data-dir``, else ``GPUYARD_DATA_DIR``, else ``~/.gpuyard``) and the start-up
-line the seed's troubleshooting looks for. Real ``gpuyard serve`` processes on loopback."""
+data (``--data-dir``, else ``GPUYARD_DATA_DIR``, else ``~/.gpuyard``), the start-up line
+the seed's troubleshooting looks for, and one stderr line for a log it cannot replay.
+Real ``gpuyard serve`` processes on loopback."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from serverproc import ServerProcess
+from serverproc import REPO_ROOT, ServerProcess
+
+from events.log import EventLog
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +64,19 @@ def test_the_flag_wins_over_gpuyard_data_dir(tmp_path: Path) -> None:
     assert (tmp_path / "flag" / "events.db").is_file()
     assert not (tmp_path / "from-env").exists()
     assert STARTED in server.log_path.read_text()
+
+
+def test_a_log_event_that_cannot_be_read_is_one_line_not_blamed_on_gpus(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "events.db")  # seq 1 claims to be job.approved, holds {}
+    log.execute_raw("INSERT INTO events VALUES (1, 1.0, 'job.approved', 'x', NULL, NULL, "
+                    "X'7B7D', X'00')")
+    log.close()
+    done = subprocess.run(
+        [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", "0",
+         "--data-dir", str(tmp_path), "--gpus", "none"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "cannot replay the event log" in lines[0] and "--gpus" not in lines[0]
