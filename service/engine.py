@@ -26,7 +26,6 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
 import structlog
@@ -119,6 +118,7 @@ class Engine:
         self._missed: list[Recorded] = []  # committed, not yet folded into the working copy
         self._send, self._receive = anyio.create_memory_object_stream[_Request](math.inf)
         self._subscribers: list[Subscriber] = []
+        self._broken: str | None = None  # set when the log cannot even be re-read
         self._committed = anyio.Event()
         self._next_done: anyio.Event | None = None  # the next batch's; made in the loop
         self._task_group: TaskGroup | None = None
@@ -155,8 +155,13 @@ class Engine:
 
         Raises the command's :class:`DomainError`, or :class:`EngineUnavailable`.
         """
+        if self._broken is not None:
+            raise EngineUnavailable(self._broken)
         request = _Request(command, actor, correlation_id)
-        self._send.send_nowait(request)
+        try:
+            self._send.send_nowait(request)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise EngineUnavailable("the queue is shutting down; try again") from None
         while not request.answered:
             # the event of the batch that holds it; until one does, the next batch's (a
             # request left over by a full batch wakes once for nothing, and waits again)
@@ -237,8 +242,43 @@ class Engine:
         return self._seal_all(list(dispatches), SCHEDULER_ACTOR, correlation_id, cause, now, into)
 
     async def _run_batch(self, batch: list[_Request], done: anyio.Event) -> None:
-        self._catch_up()
-        now = self._now()
+        try:
+            self._catch_up()
+            records, answers = self._decide_batch(batch, self._now())
+        except Exception:  # a bug in a decider or a fold must fail the batch, not the engine
+            log.exception("batch_failed", requests=len(batch))
+            self._fail(batch, done, "the queue could not process this request; nothing was "
+                       "changed, try again")
+            return
+
+        if records:
+            try:
+                await anyio.to_thread.run_sync(self.log.append, records)
+            except LogError as exc:
+                log.error("commit_failed", error=str(exc), events=len(records))
+                self._fail(batch, done, "the event log could not be written; nothing was "
+                           "changed, try again")
+                return
+            self.state, self._work = self._work, self.state
+            self._missed = records
+        for request, outcome, mine in answers:
+            if outcome is not None:
+                request.result = Committed(outcome, mine)
+            request.answered = True
+        done.set()
+        if records:
+            committed, self._committed = self._committed, anyio.Event()
+            committed.set()
+            for subscriber in self._subscribers:
+                try:
+                    subscriber(records)
+                except Exception:
+                    log.exception("subscriber_failed", subscriber=repr(subscriber))
+
+    def _decide_batch(
+        self, batch: list[_Request], now: float
+    ) -> tuple[list[Recorded], list[tuple[_Request, Outcome | None, list[Recorded]]]]:
+        """Handle each request against the working copy, then run a pass: the batch's events."""
         records: list[Recorded] = []
         answers: list[tuple[_Request, Outcome | None, list[Recorded]]] = []
         wants_pass = False
@@ -271,35 +311,21 @@ class Engine:
             answers.append((request, outcome, mine))
         if wants_pass:
             self._schedule(now, records, batch[-1].correlation_id if len(batch) == 1 else None)
+        return records, answers
 
-        if records:
-            try:
-                await anyio.to_thread.run_sync(self.log.append, records)
-            except LogError as exc:
-                log.error("commit_failed", error=str(exc), events=len(records))
-                self._reload()
-                for request, _, _ in answers:
-                    request.error = request.error or EngineUnavailable(
-                        "the event log could not be written; nothing was changed, try again"
-                    )
-                    request.answered = True
-                done.set()
-                return
-            self.state, self._work = self._work, self.state
-            self._missed = records
-        for request, outcome, mine in answers:
-            if outcome is not None:
-                request.result = Committed(outcome, mine)
+    def _fail(self, batch: list[_Request], done: anyio.Event, why: str) -> None:
+        """Answer every request of a batch that wrote nothing, and start again from the log."""
+        for request in batch:
+            request.result = None
+            if not isinstance(request.error, DomainError):
+                request.error = EngineUnavailable(why)
             request.answered = True
         done.set()
-        if records:
-            committed, self._committed = self._committed, anyio.Event()
-            committed.set()
-            for subscriber in self._subscribers:
-                try:
-                    subscriber(records)
-                except Exception:
-                    log.exception("subscriber_failed", subscriber=repr(subscriber))
+        try:
+            self._reload()
+        except LogError as exc:
+            self._broken = f"the event log cannot be read ({exc}); restart the server"
+            log.critical("engine_broken", error=str(exc))
 
     def _reload(self) -> None:
         """Rebuild both copies of the state from what the log really holds."""
@@ -307,7 +333,3 @@ class Engine:
         self.state, self._work = _replay(self.log)
         self._missed = []
 
-    # ------------------------------------------------------------ conveniences
-
-    def info(self) -> dict[str, Any]:
-        return {"last_seq": self.state.last_seq, "jobs": len(self.state.jobs)}
