@@ -112,8 +112,8 @@ def effective_priority(p: int, waited_seconds: float, settings: Settings) -> int
     threshold = settings.starvation_threshold_minutes * 60.0
     if settings.starvation_boost <= 0 or threshold <= 0 or waited_seconds < threshold:
         return p
-    steps = int(waited_seconds // threshold)
-    return min(URGENT, p + settings.starvation_boost * steps)
+    lift = settings.starvation_boost * (waited_seconds // threshold)  # a float: never overflows
+    return URGENT if p + lift >= URGENT else p + int(lift)
 
 
 def job_effective_priority(job: JobEntry, now: float, settings: Settings) -> int:
