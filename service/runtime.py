@@ -8,6 +8,7 @@ order when the block ends.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,8 +47,13 @@ class Runtime:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "configs").mkdir(exist_ok=True)
         (self.data_dir / "runs").mkdir(exist_ok=True)
+        self._lock = _lock_data_dir(self.data_dir)
         self.log_path = self.data_dir / "events.db"
-        self.event_log = EventLog(self.log_path)
+        try:
+            self.event_log = EventLog(self.log_path)
+        except BaseException:
+            os.close(self._lock)
+            raise
         self.engine = Engine(self.event_log)
         self.configs = ConfigStore(self.data_dir / "configs")
 
@@ -81,3 +87,19 @@ class Runtime:
 
     def close(self) -> None:
         self.event_log.close()
+        os.close(self._lock)  # releases the data directory for the next server
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Hold ``<data-dir>/server.lock`` for this process: one server per data directory.
+
+    Two servers on one log would both append and both launch jobs. The lock goes with
+    the process, so a server killed with SIGKILL leaves nothing to clean up.
+    """
+    fd = os.open(data_dir / "server.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(f"another gpuyard server is using {data_dir}") from None
+    return fd

@@ -170,3 +170,23 @@ def test_a_malformed_gpu_spec_is_one_line_and_exit_2(tmp_path) -> None:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("gpuyard: error: --gpus:") and "4xA100" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path) -> None:
+    data_dir = tmp_path / "data"
+    write_configs(data_dir)
+    with ServerProcess(data_dir) as first:
+        result = subprocess.run(
+            [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", "0",
+             "--data-dir", str(data_dir), "--gpus", "4xA100:40"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "another gpuyard server is using" in lines[0]
+        # the first one is untouched, and a SIGKILLed server leaves no lock behind
+        assert httpx.get(f"{first.url}/api/queue/stats").status_code == 200
+        first.kill()
+        first.start()
+        assert httpx.get(f"{first.url}/api/queue/stats").status_code == 200
