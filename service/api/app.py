@@ -23,6 +23,7 @@ from service.api.errors import EXCEPTION_HANDLERS, MAX_BODY_BYTES
 from service.api.panel import panel_router
 from service.api.queue_actions import queue_router
 from service.api.read_cache import ReadCache
+from service.api.strict_body import check_body_types
 from service.api.request_id import echo_request_id, request_id_middleware
 from service.api.system import system_router
 from service.api.users import users_router
@@ -61,6 +62,7 @@ def create_app(runtime: Runtime) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[request_id_middleware, authentication_middleware],
         before_send=[echo_request_id],
+        before_request=check_body_types,
         lifespan=[run_runtime],
         state=State({"runtime": runtime, "read_cache": ReadCache()}),
         request_max_body_size=MAX_BODY_BYTES,
