@@ -154,6 +154,8 @@ def _finish(state: QueueState, job: JobEntry, status: Status, at: float) -> None
         counts["running"] -= 1
         counts[status] += 1
         job.status = status  # every end status is inactive
+        state.run_end_at.append(at)  # `at` never runs backwards: the list stays sorted
+        state.run_sums.append(state.run_sums[-1] + (at - (job.started_at or at)))
         active = state.user_active
         left = active.get(user_id, 0) - 1
         if left:

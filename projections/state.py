@@ -224,6 +224,9 @@ class QueueState:
         # Dispatch times and waits, in time order, with running sums (SPEC 7 avg wait).
         self.wait_at: list[float] = []
         self.wait_sums: list[float] = [0.0]
+        # Times runs ended (a slot freed) and running sums of their lengths (wait estimates).
+        self.run_end_at: list[float] = []
+        self.run_sums: list[float] = [0.0]
         self.users: dict[int, User] = {}
         self.tokens: dict[str, Token] = {}
         self.token_by_hash: dict[str, str] = {}

@@ -13,18 +13,28 @@ import msgspec
 
 from projections.state import STATUSES, QueueState
 
-__all__ = ["avg_wait_seconds", "stats", "gpu_allocation", "snapshot"]
+__all__ = ["avg_wait_seconds", "mean_run_seconds", "stats", "gpu_allocation", "snapshot"]
 
 DAY = 86400.0
 
 
-def avg_wait_seconds(state: QueueState, now: float) -> float | None:
-    """Mean of ``started_at - queued_at`` over jobs started in the last 24 h."""
-    start = bisect_left(state.wait_at, now - DAY)
-    count = len(state.wait_at) - start
+def _mean_since(times: list[float], sums: list[float], since: float) -> float | None:
+    """Mean of the values recorded at ``times >= since`` (``sums`` are running sums)."""
+    start = bisect_left(times, since)
+    count = len(times) - start
     if count == 0:
         return None
-    return (state.wait_sums[-1] - state.wait_sums[start]) / count
+    return (sums[-1] - sums[start]) / count
+
+
+def avg_wait_seconds(state: QueueState, now: float) -> float | None:
+    """Mean of ``started_at - queued_at`` over jobs started in the last 24 h."""
+    return _mean_since(state.wait_at, state.wait_sums, now - DAY)
+
+
+def mean_run_seconds(state: QueueState, now: float) -> float | None:
+    """Mean length of the runs that ended in the last 24 h (a retried attempt counts too)."""
+    return _mean_since(state.run_end_at, state.run_sums, now - DAY)
 
 
 def gpu_allocation(state: QueueState) -> dict[str, Any]:
@@ -102,6 +112,7 @@ def snapshot(state: QueueState) -> dict[str, Any]:
         "gpus": msgspec.to_builtins(state.gpus),
         "gpu_holder": {str(k): v for k, v in sorted(state.gpu_holder.items())},
         "waits": {"count": len(state.wait_at), "sum": round(state.wait_sums[-1], 6)},
+        "runs": {"count": len(state.run_end_at), "sum": round(state.run_sums[-1], 6)},
         "users": {str(k): msgspec.to_builtins(u) for k, u in sorted(state.users.items())},
         "tokens": {k: msgspec.to_builtins(t) for k, t in sorted(state.tokens.items())},
         "idempotency": sorted(f"{user}:{key}={job}" for (user, key), job in

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from itertools import islice
 
-from projections.state import TERMINAL, JobEntry, QueueState
+from projections.state import JobEntry, QueueState
+from projections.views import mean_run_seconds
 from service import scheduler
 from service.api.models import MeResponse, PositionResponse, QueueEntry, QueueListing
 
@@ -22,7 +23,6 @@ __all__ = [
 ]
 
 LIST_STATUSES = ("pending", "running", "blocked", "completed", "failed", "cancelled", "rejected")
-DAY = 86400.0
 
 
 def to_datetime(timestamp: float) -> datetime:
@@ -180,22 +180,10 @@ def me(state: QueueState, now: float, user_id: int) -> MeResponse:
 # ---------------------------------------------------------------- position and wait
 
 
-def _recent_run_seconds(state: QueueState, now: float) -> float | None:
-    """Mean run time of jobs that finished in the last 24 h after running."""
-    total = 0.0
-    count = 0
-    for job in state.jobs.values():
-        if (job.status in TERMINAL and job.started_at is not None
-                and job.completed_at is not None and now - job.completed_at <= DAY):
-            total += job.completed_at - job.started_at
-            count += 1
-    return total / count if count else None
-
-
 def estimated_wait_seconds(state: QueueState, job: JobEntry, now: float) -> float | None:
     """A rough estimate of how long a pending job still waits (``None``: no basis).
 
-    Every job is assumed to run as long as the mean of the jobs that finished in the
+    Every job is assumed to run as long as the mean of the runs that ended in the
     last 24 hours, and the queue to drain through ``min(max_concurrent,
     local_job_max_concurrent)`` slots (local jobs) or ``max_concurrent`` slots. A slot
     frees when its running job reaches that mean; the jobs ahead then take the slots in
@@ -205,7 +193,7 @@ def estimated_wait_seconds(state: QueueState, job: JobEntry, now: float) -> floa
         return 0.0
     if job.status != "pending":
         return None
-    mean_run = _recent_run_seconds(state, now)
+    mean_run = mean_run_seconds(state, now)
     if mean_run is None:
         return None
     settings = state.settings
