@@ -7,7 +7,7 @@ and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import apsw
@@ -17,7 +17,7 @@ from events.codec import decode_event, decoder_for
 from events.envelope import GENESIS_HASH, Recorded, canonical_bytes, chain_hash
 from events.types import AnyEvent
 
-__all__ = ["EventLog", "LogError", "LogConflict", "ChainBroken", "verify_rows"]
+__all__ = ["EventLog", "LogError", "LogConflict", "ChainBroken", "checked_rows", "verify_rows"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events(
@@ -59,20 +59,24 @@ class ChainBroken(LogError):
 Row = tuple[int, float, str, str, str | None, int | None, bytes, bytes]
 
 
-def verify_rows(rows: Iterator[Row] | Sequence[Row]) -> int:
-    """Check a stream of rows in seq order; return the count or raise :class:`ChainBroken`."""
+def checked_rows(rows: Iterable[Row]) -> Iterator[Row]:
+    """Pass rows through in seq order, raising :class:`ChainBroken` at the first bad link."""
     prev = GENESIS_HASH
     expected = 1
-    count = 0
-    for seq, at, type_, actor, corr, cause, data, digest in rows:
+    for row in rows:
+        seq, at, type_, actor, corr, cause, data, digest = row
         if seq != expected:
             raise ChainBroken(expected, f"seq {expected} is missing (found {seq})")
         if chain_hash(prev, canonical_bytes(seq, at, type_, actor, corr, cause, data)) != digest:
             raise ChainBroken(seq, "stored hash does not match its contents")
         prev = digest
         expected += 1
-        count += 1
-    return count
+        yield row
+
+
+def verify_rows(rows: Iterable[Row]) -> int:
+    """Check a stream of rows in seq order; return the count or raise :class:`ChainBroken`."""
+    return sum(1 for _ in checked_rows(rows))
 
 
 class EventLog:
@@ -186,9 +190,11 @@ class EventLog:
         """A consistent online copy of the log into ``dest`` (SQLite's backup API)."""
         try:
             target = apsw.Connection(str(dest))
-            with target.backup("main", self._db, "main") as job:
-                job.step(-1)
-            target.close()
+            try:
+                with target.backup("main", self._db, "main") as job:
+                    job.step(-1)
+            finally:
+                target.close()
         except apsw.Error as exc:
             raise LogError(f"backup to {dest} failed: {exc}") from exc
 

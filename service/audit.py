@@ -25,7 +25,7 @@ import msgspec
 from events.codec import decode_event
 from events.envelope import GENESIS_HASH, Recorded, canonical_bytes, chain_hash
 from events.export import FIELDS, csv_cells, jsonl_line, row_from_export
-from events.log import ChainBroken, EventLog, LogError, Row, verify_rows
+from events.log import ChainBroken, EventLog, LogError, Row, checked_rows, verify_rows
 
 __all__ = [
     "AuditError",
@@ -145,24 +145,9 @@ def source_rows(path: str | Path) -> Iterator[Row]:
     return _db_rows(path) if is_sqlite(path) else export_rows(path)
 
 
-def _checked(rows: Iterable[Row]) -> Iterator[Row]:
-    """Pass rows through, raising :class:`ChainBroken` at the first bad link."""
-    prev = GENESIS_HASH
-    expected = 1
-    for row in rows:
-        seq, at, type_, actor, corr, cause, data, digest = row
-        if seq != expected:
-            raise ChainBroken(expected, f"seq {expected} is missing (found {seq})")
-        if chain_hash(prev, canonical_bytes(seq, at, type_, actor, corr, cause, data)) != digest:
-            raise ChainBroken(seq, "stored hash does not match its contents")
-        prev = digest
-        expected += 1
-        yield row
-
-
 def read_records(rows: Iterable[Row], *, verify: bool = True) -> Iterator[Recorded]:
     """Decode stored rows into :class:`Recorded`, checking the chain as they pass."""
-    for seq, at, type_, actor, corr, cause, data, digest in (_checked(rows) if verify else rows):
+    for seq, at, type_, actor, corr, cause, data, digest in (checked_rows(rows) if verify else rows):
         try:
             event = decode_event(type_, data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
