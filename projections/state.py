@@ -66,10 +66,6 @@ class JobEntry(Struct, kw_only=True, gc=False):
         return self.priority if self.priority_override is None else self.priority_override
 
     @property
-    def needs_gpus(self) -> bool:
-        return self.spec.num_processes > 0
-
-    @property
     def level(self) -> StreamLevel:
         return (self.base_priority, self.spec.num_processes > 0)
 

@@ -41,13 +41,13 @@ following that user's stream; a level whose jobs can no longer start is dropped.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 from msgspec import Struct
 
 from events.types import JobDispatched, Settings
-from projections.state import JobEntry, QueueState, StreamLevel
+from projections.state import JobEntry, OrderKey, QueueState, StreamLevel
 
 __all__ = [
     "URGENT",
@@ -148,7 +148,7 @@ def pending_in_order(state: QueueState, now: float) -> Iterator[JobEntry]:
             heapq.heappush(heap, (key, index + 1, level, next_id))
 
 
-def _ahead_in_level(keys: list, p: int, target: SortKey, now: float, settings: Settings) -> int:
+def _ahead_in_level(keys: Sequence[OrderKey], p: int, target: SortKey, now: float, settings: Settings) -> int:
     """How many jobs of one level come before ``target`` (levels are sorted in order)."""
     lo, hi = 0, len(keys)
     while lo < hi:
