@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from itertools import islice
 from typing import Any
 
 from events.envelope import Recorded
@@ -41,7 +42,7 @@ from events.types import (
 )
 from projections.state import JobEntry, QueueState, Status, Token, User
 
-__all__ = ["apply", "apply_event", "fold"]
+__all__ = ["apply", "apply_event", "fold", "fold_batches"]
 
 
 @contextmanager
@@ -62,17 +63,26 @@ def paused_gc() -> Iterator[None]:
 
 def fold(records: Iterable[Recorded], state: QueueState | None = None) -> QueueState:
     """Fold a whole log. The pending index is built once at the end, not per event."""
+    triples = ((r.seq, r.at, r.event) for r in records)
+    return fold_batches(iter(lambda: list(islice(triples, 4096)), []), state)
+
+
+def fold_batches(
+    batches: Iterable[list[tuple[int, float, AnyEvent]]], state: QueueState | None = None
+) -> QueueState:
+    """Fold a log read as batches of ``(seq, at, event)`` (``EventLog.batches``)."""
     state = state if state is not None else QueueState()
     state.pending.enabled = False
     folds = _FOLDS
-    recorded = None
+    last = None
     with paused_gc():
-        for recorded in records:
-            event = recorded.event
-            folds[type(event)](state, event, recorded.seq, recorded.at)
-        if recorded is not None:  # no fold reads these, so they are set once, at the end
-            state.last_seq = recorded.seq
-            state.last_at = recorded.at
+        for batch in batches:
+            for seq, at, event in batch:
+                folds[type(event)](state, event, seq, at)
+            if batch:
+                last = batch[-1]
+        if last is not None:  # no fold reads these, so they are set once, at the end
+            state.last_seq, state.last_at, _ = last
         state.pending.rebuild(state.pending_jobs())
     return state
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import deque
+from copy import copy
 from typing import Literal
 
 from msgspec import Struct, field
@@ -161,6 +162,14 @@ class PendingIndex:
         if not mine:
             del self.by_user[(job.user_id, level)]
 
+    def copy(self) -> PendingIndex:
+        twin = PendingIndex()
+        twin.levels = {level: keys.copy() for level, keys in self.levels.items()}
+        twin.by_user = {key: keys.copy() for key, keys in self.by_user.items()}
+        twin.heads = {level: keys.copy() for level, keys in self.heads.items()}
+        twin.enabled = self.enabled
+        return twin
+
     def rebuild(self, pending: list[JobEntry]) -> None:
         """Build the whole index at once (after a replay that ran with it disabled)."""
         grouped: dict[StreamLevel, list[OrderKey]] = {}
@@ -227,6 +236,19 @@ class QueueState:
         self.tokens: dict[str, Token] = {}
         self.token_by_hash: dict[str, str] = {}
         self.idempotency: dict[tuple[int, str], str] = {}
+
+    def copy(self) -> QueueState:
+        """A twin that shares nothing the fold changes in place (the engine's 2nd copy).
+
+        Containers are copied and every job entry with them; what they hold besides
+        (specs, settings, users, tokens, keys) is immutable or replaced, never changed.
+        """
+        twin = QueueState.__new__(QueueState)
+        for name, value in vars(self).items():
+            setattr(twin, name, value.copy() if isinstance(value, (dict, list)) else value)
+        twin.jobs = {job_id: copy(job) for job_id, job in self.jobs.items()}
+        twin.pending = self.pending.copy()
+        return twin
 
     @property
     def running_total(self) -> int:

@@ -34,7 +34,7 @@ from anyio.abc import TaskGroup
 from events.envelope import Recorded, seal
 from events.log import EventLog, LogError
 from events.types import AnyEvent
-from projections.fold import apply_event, paused_gc
+from projections.fold import apply_event, fold_batches, paused_gc
 from projections.state import QueueState
 from service import scheduler
 from service.commands import (
@@ -89,15 +89,10 @@ Subscriber = Callable[[list[Recorded]], None]
 
 
 def _replay(log_: EventLog) -> tuple[QueueState, QueueState]:
-    front, back = QueueState(), QueueState()
-    front.pending.enabled = back.pending.enabled = False
+    """Start-up: fold the whole log once; the working copy is a copy of that fold."""
+    front = fold_batches(log_.batches())
     with paused_gc():
-        for recorded in log_.read():
-            apply_event(front, recorded.event, recorded.seq, recorded.at)
-            apply_event(back, recorded.event, recorded.seq, recorded.at)
-        for state in (front, back):
-            state.pending.rebuild(state.pending_jobs())
-    return front, back
+        return front, front.copy()
 
 
 class Engine:

@@ -156,3 +156,19 @@ def test_every_recorded_pass_is_what_the_scheduler_decides_today(name: str) -> N
         index += len(group)
         passes += 1
     assert passes > 10
+
+
+@pytest.mark.parametrize("name", LOGS)
+def test_a_copy_of_the_state_folds_on_alone(name: str) -> None:
+    """The engine's working copy: folding into the copy leaves the original as it was."""
+    records = recorded(name)
+    half = len(records) // 2
+    original = fold(records[:half])
+    before = snapshot(original)
+    twin = original.copy()
+    assert snapshot(twin) == before
+    for record in records[half:]:
+        apply(twin, record)  # one by one: the pending index is live, as in the engine
+    assert snapshot(twin) == snapshot(fold(records))
+    assert snapshot(original) == before
+    assert snapshot(fold(records[half:], original)) == snapshot(twin)
