@@ -13,6 +13,7 @@ small machine is worth about a fifth more requests per second.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from typing import Any
 
@@ -74,6 +75,19 @@ def _http_protocol() -> Any:
     return CoalescingHttpToolsProtocol
 
 
+def _tune_gc() -> None:
+    """Keep the cyclic collector's pauses out of request latency.
+
+    What start-up built (the replayed state, the app, imported modules) lives as long as
+    the process: ``gc.freeze`` takes it out of every later collection. Requests allocate
+    many short-lived objects; a higher first threshold makes young collections rarer, and
+    each one still walks only the young objects.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
     """Run the server until it is stopped (SIGINT/SIGTERM)."""
     import uvicorn
@@ -102,6 +116,7 @@ def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
                 "`gpuyard audit verify --db <data-dir>/events.db` names the first bad seq")
         return
     app = create_app(runtime)
+    _tune_gc()
     structlog.get_logger("gpuyard.serve").info(
         "server_starting", host=host, port=port, data_dir=str(runtime.data_dir),
         gpus=runtime.inventory.count, gpu_backend=runtime.inventory.backend,

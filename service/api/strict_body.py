@@ -18,19 +18,37 @@ from service.commands import InvalidRequest
 __all__ = ["check_body_types"]
 
 
+_DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _strict_decoder(annotation: Any) -> msgspec.json.Decoder[Any]:
+    decoder = _DECODERS.get(annotation)
+    if decoder is None:
+        decoder = _DECODERS[annotation] = msgspec.json.Decoder(annotation, strict=True)
+    return decoder
+
+
 async def check_body_types(request: Request[Any, Any, Any]) -> None:
     """``before_request`` hook: refuse a body whose values have the wrong JSON types."""
     declared = request.route_handler.parsed_fn_signature.parameters.get("data")
     if declared is None:
         return None
     try:
-        body = await request.json()
-    except Exception:  # malformed or too large: Litestar's own parsing answers 400 / 413
+        body = await request.body()
+    except Exception:  # too large, or the client went away: Litestar's own parsing answers
         return None
-    if body is None:  # no body at all: the handler's own parsing answers 400
+    if not body:  # no body at all: the handler's own parsing answers 400
         return None
     try:
-        msgspec.convert(body, declared.annotation, strict=True)
+        _strict_decoder(declared.annotation).decode(body)
     except msgspec.ValidationError as exc:
+        # a typed decode stops at the first wrong value; malformed JSON after it is
+        # still a 400 (Litestar's own parsing answers it), not a 422
+        try:
+            msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return None
         raise InvalidRequest(f"invalid request body: {exc}") from None
+    except msgspec.DecodeError:  # malformed JSON: Litestar's own parsing answers 400
+        return None
     return None
