@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from operator import itemgetter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from operator import itemgetter
 from pathlib import Path
 
 import apsw
@@ -53,6 +53,7 @@ SELECT CAST('[' || group_concat(
 FROM (SELECT seq, at, type, data FROM events WHERE seq > ? AND seq <= ? ORDER BY seq)
 """
 BATCH_EVENTS = 4096
+BATCH_MAX_BYTES = 64 << 20  # a longer batch is read row by row instead
 _seq_of = itemgetter(0)
 
 
@@ -207,8 +208,9 @@ class EventLog:
         SQLite writes each batch of rows as one JSON text, in a read-ahead thread (apsw
         lets go of the GIL while SQLite works), and msgspec decodes it in one call while
         the caller folds the batch before. A batch that does not decode whole (an old
-        shape, a damaged row) is read again row by row through :meth:`read`, which
-        upcasts or names the error; so is everything while an upcaster is registered.
+        shape, a damaged row) or that the thread could not build is read again row by
+        row through :meth:`read`, which upcasts or names the error; so is everything
+        while an upcaster is registered.
         """
         end = self._end() if until_seq is None else until_seq
         if UPCASTERS:
@@ -220,7 +222,7 @@ class EventLog:
         try:
             for lo, hi, text in reader:
                 try:
-                    batch = decode_batch(text)
+                    batch = decode_batch(text) if text is not None else []
                 except msgspec.DecodeError:
                     batch = []
                 # group_concat keeps the subquery's order in practice, not by contract: a
@@ -242,6 +244,7 @@ class EventLog:
         flags = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
         reader = apsw.Connection(f"file:{self.path}?mode=ro", flags=flags)
         reader.setbusytimeout(5000)
+        reader.limit(apsw.SQLITE_LIMIT_LENGTH, BATCH_MAX_BYTES)  # bounds the read-ahead's memory
         return reader
 
     def verify(self) -> int:
@@ -272,9 +275,11 @@ class EventLog:
 class _ReadAhead:
     """Runs the batch statements of a replay in a thread of its own, a few batches ahead.
 
-    Iterating yields ``(after_seq, until_seq, json bytes)`` in order (empty ranges are
-    skipped); a read error is raised as :class:`LogError` where the batch would have come.
-    :meth:`close` stops the thread, also when the caller gives up half way.
+    Iterating yields ``(after_seq, until_seq, json bytes or None)`` in order. ``None``
+    means the thread could not build that batch (its connection would not open, the text
+    would pass ``BATCH_MAX_BYTES``, a read failed): the caller reads those rows itself,
+    and its own read names any real error. :meth:`close` stops the thread, also when the
+    caller gives up half way.
     """
 
     DEPTH = 4
@@ -282,9 +287,7 @@ class _ReadAhead:
     def __init__(
         self, connect: Callable[[], apsw.Connection], ranges: list[tuple[int, int]]
     ) -> None:
-        self._queue: queue.Queue[tuple[int, int, bytes | None] | LogError | None] = (
-            queue.Queue(self.DEPTH)
-        )
+        self._queue: queue.Queue[tuple[int, int, bytes | None] | None] = queue.Queue(self.DEPTH)
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(connect, ranges), name="gpuyard-log-read-ahead",
@@ -294,20 +297,26 @@ class _ReadAhead:
 
     def _run(self, connect: Callable[[], apsw.Connection], ranges: list[tuple[int, int]]) -> None:
         try:
-            db = connect()
-            try:
-                for lo, hi in ranges:
-                    row = db.execute(_BATCH_SQL, (lo, hi)).fetchone()
-                    if not self._put((lo, hi, row[0] if row else None)):
-                        return
-            finally:
+            db: apsw.Connection | None = connect()
+        except apsw.Error:
+            db = None
+        try:
+            for lo, hi in ranges:
+                text = None
+                if db is not None:
+                    try:
+                        row = db.execute(_BATCH_SQL, (lo, hi)).fetchone()
+                        text = row[0] if row else None
+                    except apsw.Error:
+                        text = None
+                if not self._put((lo, hi, text)):
+                    return
+        finally:
+            if db is not None:
                 db.close()
-        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
-            self._put(LogError(f"reading the event log failed: {exc}"))
-            return
-        self._put(None)
+            self._put(None)
 
-    def _put(self, item: tuple[int, int, bytes | None] | LogError | None) -> bool:
+    def _put(self, item: tuple[int, int, bytes | None] | None) -> bool:
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.05)
@@ -316,13 +325,9 @@ class _ReadAhead:
                 continue
         return False
 
-    def __iter__(self) -> Iterator[tuple[int, int, bytes]]:
+    def __iter__(self) -> Iterator[tuple[int, int, bytes | None]]:
         while (item := self._queue.get()) is not None:
-            if isinstance(item, LogError):
-                raise item
-            lo, hi, text = item
-            if text is not None:
-                yield lo, hi, text
+            yield item
 
     def close(self) -> None:
         self._stop.set()

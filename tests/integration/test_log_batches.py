@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import apsw
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -114,3 +115,33 @@ def test_leaving_half_way_stops_the_read_ahead(
     assert threading.active_count() == before + 1
     batches.close()
     assert threading.active_count() == before
+
+
+def test_batches_the_thread_cannot_build_are_read_row_by_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too long for the read-ahead's limit, or no reader connection: same events."""
+    monkeypatch.setattr(events.log, "BATCH_EVENTS", 7)
+    path = tmp_path / "events.db"
+    written = filled_log(path, 30)
+    log = EventLog(path)
+    reads: list[tuple[int, int | None]] = []
+    real_read = EventLog.read
+
+    def counted_read(self: EventLog, after_seq: int = 0, until_seq: int | None = None):  # type: ignore[no-untyped-def]
+        reads.append((after_seq, until_seq))
+        return real_read(self, after_seq, until_seq)
+
+    monkeypatch.setattr(EventLog, "read", counted_read)
+    monkeypatch.setattr(events.log, "BATCH_MAX_BYTES", 1000)  # a 7-event batch is longer
+    assert flat(log) == triples(written)
+    assert reads == [(0, 7), (7, 14), (14, 21), (21, 28)]  # the last two events fit
+
+    def no_connection(self: EventLog) -> None:
+        raise apsw.CantOpenError("cannot open")
+
+    reads.clear()
+    monkeypatch.setattr(events.log, "BATCH_MAX_BYTES", 64 << 20)
+    monkeypatch.setattr(EventLog, "_connect_reader", no_connection)
+    assert flat(log) == triples(written)
+    assert len(reads) == 5
