@@ -22,7 +22,7 @@ _DECODER = msgspec.json.Decoder(AnyEvent)
 # so it reads most of every event twice.
 _DECODERS = {tag: msgspec.json.Decoder(cls) for tag, cls in EVENT_TYPES.items()}
 # A replay batch: ``[[seq, at, {"type": tag, ...event}], ...]`` with each event's tag
-# written first (see ``EventLog.events``), so the union picks its type at the first key.
+# written first (see ``EventLog.batches``), so the union picks its type at the first key.
 _BATCH_DECODER = msgspec.json.Decoder(list[tuple[int, float, AnyEvent]])
 
 Decoded = tuple[int, float, AnyEvent]  # (seq, at, event)
