@@ -213,11 +213,11 @@ class EventLog:
         while an upcaster is registered.
         """
         end = self._end() if until_seq is None else until_seq
-        if UPCASTERS:
-            for lo in range(after_seq, end, BATCH_EVENTS):
-                yield [(r.seq, r.at, r.event) for r in self.read(lo, min(lo + BATCH_EVENTS, end))]
-            return
         ranges = [(lo, min(lo + BATCH_EVENTS, end)) for lo in range(after_seq, end, BATCH_EVENTS)]
+        if UPCASTERS:
+            for lo, hi in ranges:
+                yield self._read_decoded(lo, hi)
+            return
         reader = _ReadAhead(self._connect_reader, ranges)
         try:
             for lo, hi, text in reader:
@@ -228,10 +228,14 @@ class EventLog:
                 # group_concat keeps the subquery's order in practice, not by contract: a
                 # batch is taken only when it holds exactly the seqs lo+1..hi, in order
                 if list(map(_seq_of, batch)) != list(range(lo + 1, hi + 1)):
-                    batch = [(r.seq, r.at, r.event) for r in self.read(lo, hi)]
+                    batch = self._read_decoded(lo, hi)
                 yield batch
         finally:
             reader.close()
+
+    def _read_decoded(self, after_seq: int, until_seq: int) -> list[Decoded]:
+        """One batch read row by row through :meth:`read` (upcasting, naming errors)."""
+        return [(r.seq, r.at, r.event) for r in self.read(after_seq, until_seq)]
 
     def _end(self) -> int:
         try:
