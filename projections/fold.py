@@ -1,12 +1,28 @@
 """The fold: ``apply(state, recorded)`` turns one event into the next state.
 
+What the state holds comes in two kinds:
+
+- *records*: each job's entry (status, times, GPUs, exit code, ...) and the histories
+  of waits and run lengths (SPEC section 7's stats), which are what the events say;
+- *indexes*: the counts by status, the running set, running jobs per user, team and
+  target, the GPU holders, active jobs per user, the blocked set and the pending order.
+  Each is a function of the job entries alone, and :func:`_index` / :func:`_unindex`
+  are the one place that says how a job counts in them.
+
+A fold function (one per event type, in ``_FOLDS``) updates records only. Folding one
+event (:func:`apply_event`, the engine's path) takes the job it touches out of the
+indexes, records the event and puts the job back. Folding a whole log
+(:func:`fold_batches`, a replay) records every event and then builds the indexes once
+from the entries (:func:`index_all`): most events of a long log touch jobs that have
+long since ended, and a replay that kept indexes for them would spend most of its time
+there.
+
 Folds are total: every member of the event union has exactly one fold function in
 ``_FOLDS``, and importing this module fails if one is missing. Dispatch is one dict
 lookup on the event's exact type rather than a ``match`` over class patterns: each case
 a ``match`` passes over is an ``isinstance`` miss, and msgspec's Struct metaclass makes
-those slow (a replay of a million events spent more time choosing folds than folding).
-The state is updated in place (the engine keeps two copies and swaps them, see
-``service/engine.py``), so a fold costs a few dictionary writes per event.
+those slow. The state is updated in place (the engine keeps two copies and swaps them,
+see ``service/engine.py``).
 """
 
 from __future__ import annotations
@@ -40,9 +56,9 @@ from events.types import (
     UserCreated,
     UserUpdated,
 )
-from projections.state import JobEntry, QueueState, Status, Token, User
+from projections.state import STATUSES, JobEntry, QueueState, Status, Token, User
 
-__all__ = ["apply", "apply_event", "fold", "fold_batches"]
+__all__ = ["apply", "apply_event", "fold", "fold_batches", "index_all"]
 
 
 @contextmanager
@@ -62,7 +78,7 @@ def paused_gc() -> Iterator[None]:
 
 
 def fold(records: Iterable[Recorded], state: QueueState | None = None) -> QueueState:
-    """Fold a whole log. The pending index is built once at the end, not per event."""
+    """Fold a whole log (into ``state`` when given)."""
     triples = ((r.seq, r.at, r.event) for r in records)
     return fold_batches(iter(lambda: list(islice(triples, 4096)), []), state)
 
@@ -70,9 +86,11 @@ def fold(records: Iterable[Recorded], state: QueueState | None = None) -> QueueS
 def fold_batches(
     batches: Iterable[list[tuple[int, float, AnyEvent]]], state: QueueState | None = None
 ) -> QueueState:
-    """Fold a log read as batches of ``(seq, at, event)`` (``EventLog.batches``)."""
+    """Fold a log read as batches of ``(seq, at, event)`` (``EventLog.batches``).
+
+    Events are recorded one by one; the indexes are built once, at the end.
+    """
     state = state if state is not None else QueueState()
-    state.pending.enabled = False
     folds = _FOLDS
     last = None
     with paused_gc():
@@ -83,7 +101,7 @@ def fold_batches(
                 last = batch[-1]
         if last is not None:  # no fold reads these, so they are set once, at the end
             state.last_seq, state.last_at, _ = last
-        state.pending.rebuild(state.pending_jobs())
+        index_all(state)
     return state
 
 
@@ -94,65 +112,79 @@ def apply(state: QueueState, recorded: Recorded) -> QueueState:
 
 
 def apply_event(state: QueueState, event: AnyEvent, seq: int, at: float) -> None:
+    """Fold one event, keeping the indexes up to date as it goes."""
     state.last_seq = seq
     state.last_at = at
-    _FOLDS[type(event)](state, event, seq, at)
+    kind = type(event)
+    record = _FOLDS[kind]
+    if kind in _MOVES_ITS_JOB:
+        job = state.jobs[event.job_id]  # type: ignore[union-attr]
+        if kind is JobPriorityChanged and job.status != "pending":
+            record(state, event, seq, at)  # a priority places only a pending job
+            return
+        _unindex(state, job)
+        record(state, event, seq, at)
+        _index(state, job)
+    elif kind is JobSubmitted:
+        record(state, event, seq, at)
+        _index(state, state.jobs[event.job_id])  # type: ignore[union-attr]
+    elif kind is EntriesPurged:
+        jobs = state.jobs
+        for job_id in event.job_ids:  # type: ignore[union-attr]
+            _unindex(state, jobs[job_id])
+        record(state, event, seq, at)
+    else:
+        record(state, event, seq, at)
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- the indexes
 
 
-def _set_status(state: QueueState, job: JobEntry, status: Status) -> None:
-    old = job.status
-    counts = state.status_counts
-    counts[old] -= 1
-    counts[status] += 1
-    job.status = status
-    was_active = old == "pending" or old == "running"
-    is_active = status == "pending" or status == "running"
-    if was_active != is_active:
-        active = state.user_active
-        left = active.get(job.user_id, 0) + (1 if is_active else -1)
-        if left:
-            active[job.user_id] = left
-        else:
-            active.pop(job.user_id, None)
-
-
-def _release(state: QueueState, job: JobEntry) -> None:
-    """Give back what a running job held."""
-    del state.running[job.job_id]
-    state.user_running[job.user_id] -= 1
-    if job.team_id is not None:
-        state.team_running[job.team_id] -= 1
-    if job.spec.target == "local":
-        state.local_running -= 1
-    if job.allocated_gpus:
-        holder = state.gpu_holder
-        for index in job.allocated_gpus:
-            if holder.get(index) == job.job_id:
-                del holder[index]
-
-
-def _leave_queue(state: QueueState, job: JobEntry) -> None:
-    """Take a job out of whichever live collection holds it."""
+def _index(state: QueueState, job: JobEntry) -> None:
+    """Count ``job`` in every index, as its entry stands."""
     status = job.status
+    state.status_counts[status] += 1
+    if status == "pending":
+        state.pending.add(job)
+        active = state.user_active
+        active[job.user_id] = active.get(job.user_id, 0) + 1
+    elif status == "running":
+        job_id = job.job_id
+        user_id = job.user_id
+        state.running[job_id] = None
+        active = state.user_active
+        active[user_id] = active.get(user_id, 0) + 1
+        user_running = state.user_running
+        user_running[user_id] = user_running.get(user_id, 0) + 1
+        team_id = job.team_id
+        if team_id is not None:
+            team_running = state.team_running
+            team_running[team_id] = team_running.get(team_id, 0) + 1
+        if job.spec.target == "local":
+            state.local_running += 1
+        if job.allocated_gpus:
+            holder = state.gpu_holder
+            for index in job.allocated_gpus:
+                holder[index] = job_id
+    elif status == "blocked":
+        state.blocked[job.job_id] = None
+
+
+def _unindex(state: QueueState, job: JobEntry) -> None:
+    """Take ``job`` out of every index it counts in (:func:`_index` undone)."""
+    status = job.status
+    state.status_counts[status] -= 1
     if status == "pending":
         state.pending.remove(job)
-    elif status == "blocked":
-        del state.blocked[job.job_id]
+        _uncount(state.user_active, job.user_id)
     elif status == "running":
-        _release(state, job)
-
-
-def _finish(state: QueueState, job: JobEntry, status: Status, at: float) -> None:
-    if job.status == "running":  # the common end: `_release` and `_set_status`, inlined
         job_id = job.job_id
         user_id = job.user_id
         del state.running[job_id]
-        state.user_running[user_id] -= 1
+        _uncount(state.user_active, user_id)
+        _uncount(state.user_running, user_id)
         if job.team_id is not None:
-            state.team_running[job.team_id] -= 1
+            _uncount(state.team_running, job.team_id)
         if job.spec.target == "local":
             state.local_running -= 1
         if job.allocated_gpus:
@@ -160,31 +192,56 @@ def _finish(state: QueueState, job: JobEntry, status: Status, at: float) -> None
             for index in job.allocated_gpus:
                 if holder.get(index) == job_id:
                     del holder[index]
-        counts = state.status_counts
-        counts["running"] -= 1
-        counts[status] += 1
-        job.status = status  # every end status is inactive
-        state.run_end_at.append(at)  # `at` never runs backwards: the list stays sorted
-        state.run_sums.append(state.run_sums[-1] + (at - (job.started_at or at)))
-        active = state.user_active
-        left = active.get(user_id, 0) - 1
-        if left:
-            active[user_id] = left
-        else:
-            active.pop(user_id, None)
+    elif status == "blocked":
+        del state.blocked[job.job_id]
+
+
+def _uncount(counts: dict[Any, int], key: Any) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
     else:
-        _leave_queue(state, job)
-        _set_status(state, job, status)
-    job.completed_at = at
+        del counts[key]
+
+
+def index_all(state: QueueState) -> None:
+    """Build every index from the job entries (after records were folded without them)."""
+    state.status_counts = dict.fromkeys(STATUSES, 0)
+    state.blocked = {}
+    state.running = {}
+    state.user_running = {}
+    state.team_running = {}
+    state.local_running = 0
+    state.user_active = {}
+    state.gpu_holder = {}
+    pending = state.pending
+    pending.enabled = False  # the pending order is built in one go, below
+    for job in state.jobs.values():
+        if job.status == "running":
+            continue  # in the order they started, below
+        _index(state, job)
+    running = [job for job in state.jobs.values() if job.status == "running"]
+    running.sort(key=_started_at)
+    for job in running:
+        _index(state, job)
+    pending.rebuild(state.pending_jobs())
+
+
+def _started_at(job: JobEntry) -> float:
+    return job.started_at or 0.0
 
 
 # ---------------------------------------------------------------- one fold per event
+#
+# Each records what its event says about the job entry and the histories; the indexes
+# are not theirs to touch.
 
 
 def _submitted(state: QueueState, event: JobSubmitted, seq: int, at: float) -> None:
     blocked = event.requires_approval
-    job = JobEntry(
-        job_id=event.job_id,
+    job_id = event.job_id
+    state.jobs[job_id] = JobEntry(
+        job_id=job_id,
         user_id=event.user_id,
         team_id=event.team_id,
         spec=event.spec,
@@ -200,52 +257,17 @@ def _submitted(state: QueueState, event: JobSubmitted, seq: int, at: float) -> N
         idempotency_key=event.idempotency_key,
         request_hash=event.request_hash,
     )
-    job_id = event.job_id
-    state.jobs[job_id] = job
-    if blocked:
-        state.status_counts["blocked"] += 1
-        state.blocked[job_id] = None
-    else:
-        state.status_counts["pending"] += 1
-        active = state.user_active
-        active[event.user_id] = active.get(event.user_id, 0) + 1
-        pending = state.pending
-        if pending.enabled:
-            pending.add(job)
     if event.idempotency_key is not None:
         state.idempotency[(event.user_id, event.idempotency_key)] = job_id
 
 
 def _dispatched(state: QueueState, event: JobDispatched, seq: int, at: float) -> None:
     job = state.jobs[event.job_id]
-    pending = state.pending
-    if job.status == "pending":  # the common start: `_set_status`, inlined
-        if pending.enabled:
-            pending.remove(job)
-        counts = state.status_counts
-        counts["pending"] -= 1
-        counts["running"] += 1
-        job.status = "running"
-    else:
-        pending.remove(job)
-        _set_status(state, job, "running")
+    job.status = "running"
     job.started_at = at
     job.allocated_gpus = event.gpus
     job.worker_id = event.worker_id
     job.attempt = event.attempt
-    state.running[job.job_id] = None
-    user_running = state.user_running
-    user_running[job.user_id] = user_running.get(job.user_id, 0) + 1
-    team_id = job.team_id
-    if team_id is not None:
-        team_running = state.team_running
-        team_running[team_id] = team_running.get(team_id, 0) + 1
-    if job.spec.target == "local":
-        state.local_running += 1
-    if event.gpus:
-        holder = state.gpu_holder
-        for index in event.gpus:
-            holder[index] = job.job_id
     # The engine never lets `at` run backwards, so these stay sorted.
     state.wait_at.append(at)
     sums = state.wait_sums
@@ -258,23 +280,31 @@ def _started(state: QueueState, event: JobStarted, seq: int, at: float) -> None:
     job.process_start_time = event.process_start_time
 
 
+def _finish(job: JobEntry, state: QueueState, status: Status, at: float) -> None:
+    if job.status == "running":  # a run ended: its length joins the history
+        state.run_end_at.append(at)  # `at` never runs backwards: the list stays sorted
+        sums = state.run_sums
+        sums.append(sums[-1] + (at - (job.started_at or at)))
+    job.status = status
+    job.completed_at = at
+
+
 def _completed(state: QueueState, event: JobCompleted, seq: int, at: float) -> None:
     job = state.jobs[event.job_id]
-    _finish(state, job, "completed", at)
+    _finish(job, state, "completed", at)
     job.exit_code = event.exit_code
 
 
 def _failed(state: QueueState, event: JobFailed, seq: int, at: float) -> None:
     job = state.jobs[event.job_id]
-    _finish(state, job, "failed", at)
+    _finish(job, state, "failed", at)
     job.exit_code = event.exit_code
     job.error_message = event.error
 
 
 def _requeued(state: QueueState, event: JobRequeued, seq: int, at: float) -> None:
     job = state.jobs[event.job_id]
-    _leave_queue(state, job)
-    _set_status(state, job, "pending")
+    job.status = "pending"
     job.attempt = event.attempt
     job.error_message = event.reason
     job.allocated_gpus = ()
@@ -284,7 +314,6 @@ def _requeued(state: QueueState, event: JobRequeued, seq: int, at: float) -> Non
     job.pid = None
     job.process_start_time = None
     job.cancel_requested = False
-    state.pending.add(job)
 
 
 def _cancel_requested(state: QueueState, event: JobCancelRequested, seq: int, at: float) -> None:
@@ -292,31 +321,23 @@ def _cancel_requested(state: QueueState, event: JobCancelRequested, seq: int, at
 
 
 def _cancelled(state: QueueState, event: JobCancelled, seq: int, at: float) -> None:
-    _finish(state, state.jobs[event.job_id], "cancelled", at)
+    _finish(state.jobs[event.job_id], state, "cancelled", at)
 
 
 def _approved(state: QueueState, event: JobApproved, seq: int, at: float) -> None:
     job = state.jobs[event.job_id]
-    _leave_queue(state, job)
-    _set_status(state, job, "pending")
+    job.status = "pending"
     job.queued_at = at  # it joins the queue when it is approved
-    state.pending.add(job)
 
 
 def _rejected(state: QueueState, event: JobRejected, seq: int, at: float) -> None:
     job = state.jobs[event.job_id]
-    _finish(state, job, "rejected", at)
+    _finish(job, state, "rejected", at)
     job.error_message = event.reason
 
 
 def _priority_changed(state: QueueState, event: JobPriorityChanged, seq: int, at: float) -> None:
-    job = state.jobs[event.job_id]
-    if job.status == "pending":
-        state.pending.remove(job)
-        job.priority_override = event.priority_override
-        state.pending.add(job)
-    else:
-        job.priority_override = event.priority_override
+    state.jobs[event.job_id].priority_override = event.priority_override
 
 
 def _settings_changed(state: QueueState, event: SettingsChanged, seq: int, at: float) -> None:
@@ -327,7 +348,6 @@ def _entries_purged(state: QueueState, event: EntriesPurged, seq: int, at: float
     jobs = state.jobs
     for job_id in event.job_ids:
         job = jobs.pop(job_id)
-        state.status_counts[job.status] -= 1
         if job.idempotency_key is not None:
             state.idempotency.pop((job.user_id, job.idempotency_key), None)
 
@@ -391,3 +411,11 @@ _FOLDS = _FoldTable({
 _unfolded = set(AnyEvent.__args__) - set(_FOLDS)  # type: ignore[attr-defined]
 if _unfolded:  # totality: a new event type must come with its fold
     raise ImportError(f"no fold for {sorted(t.__name__ for t in _unfolded)}")
+
+# Events that change what their job counts in (its status, its priority): folding one
+# alone moves the job out of the indexes and back in. (``job.submitted`` only adds one,
+# ``queue.entries_purged`` only takes them out, the rest leave the indexes as they are.)
+_MOVES_ITS_JOB: frozenset[type[Event]] = frozenset({
+    JobDispatched, JobCompleted, JobFailed, JobRequeued, JobCancelled, JobApproved,
+    JobRejected, JobPriorityChanged,
+})
