@@ -132,6 +132,10 @@ def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
             http=_http_protocol(),
             timeout_graceful_shutdown=15,
             backlog=4096,
+            # gpuyard answers its callers directly and reads nothing from the client's
+            # address, so the proxy-header rewrite would only cost each request time
+            proxy_headers=False,
+            server_header=False,
         )
     finally:
         runtime.close()

@@ -34,8 +34,15 @@ __all__ = ["submit", "request_hash"]
 log = structlog.get_logger("gpuyard.api")
 
 
-def request_hash(body: SubmitRequest) -> str:
-    """sha256 of the body as parsed (defaults filled in, keys sorted), without its key."""
+def request_hash(body: SubmitRequest) -> str | None:
+    """sha256 of the body as parsed (defaults filled in, keys sorted), without its key.
+
+    Only a request with an ``idempotency_key`` has one: a replay of that key is compared
+    with it (same body: the same job; another body: 409). Without a key there is nothing
+    to compare, and no hash is kept.
+    """
+    if body.idempotency_key is None:
+        return None
     fields = msgspec.structs.asdict(body)
     fields.pop("idempotency_key")
     return hashlib.sha256(canonical_json(fields)).hexdigest()

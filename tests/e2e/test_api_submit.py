@@ -99,6 +99,14 @@ async def test_idempotent_submit_same_body_same_job_other_body_409(api) -> None:
     assert len(submitted_events(api)) == 1
 
 
+async def test_only_a_keyed_submit_keeps_a_request_hash(api) -> None:
+    keyed = await api.submit_ok("cpu", idempotency_key="run-8")
+    plain = await api.submit_ok("cpu")
+    hashes = {r.event.job_id: r.event.request_hash for r in submitted_events(api)}
+    assert len(hashes[keyed["job_id"]]) == 64  # sha256, hex
+    assert hashes[plain["job_id"]] is None  # no key: nothing to compare a replay with
+
+
 async def test_idempotency_keys_are_per_user(api) -> None:
     await api.make_users("admin", "researcher")
     mine = await api.submit_ok("cpu", "admin", idempotency_key="k")
