@@ -8,7 +8,9 @@
 3. **submit_durable**: ``--clients`` concurrent clients (each its own user and keep-alive
    connection) submit jobs; a 201 means the ``job.submitted`` event is fsynced. The first
    ``--httpx-submits`` go through httpx, the rest (up to ``--submits`` in all) through a
-   lean asyncio HTTP/1.1 client;
+   lean asyncio HTTP/1.1 client. Every client opens its keep-alive connection before the
+   clock starts (a client that exists before the work arrives); the lean one ahead of
+   its first request, httpx with it;
 4. with ``--submits`` jobs pending, **get_stats** (``GET /api/queue/stats``) and
    **get_queue_limit_50** (``GET /api/queue?limit=50`` as an admin: the global listing),
    ``--seconds`` each with each client kind.
@@ -112,6 +114,9 @@ class HttpxConnection:
         self.method = method
         self.path = path
 
+    async def connect(self) -> None:
+        pass  # httpx has no way to connect ahead; it does so on the first request
+
     async def send(self, body: bytes | None) -> int:
         response = await self.client.request(self.method, self.path, content=body)
         return response.status_code
@@ -130,10 +135,11 @@ class LeanConnection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(*self.address)
+
     async def send(self, body: bytes | None) -> int:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(*self.address)
-        assert self.reader is not None
+        assert self.reader is not None and self.writer is not None, "connect() first"
         if body is None:
             self.writer.write(self.head + b"\r\n")
         else:
@@ -162,10 +168,16 @@ CLIENTS = {"httpx": HttpxConnection, "lean": LeanConnection}
 
 async def _drive(kind: str, host: str, port: int, method: str, path: str, tokens: list[str],
                  clients: int, count: int | None, seconds: float | None, expect: int,
-                 out: list[tuple[float, float]]) -> int:
-    """``clients`` connections sending until ``count`` requests or ``seconds`` are done."""
+                 start_at: float, out: list[tuple[float, float]]) -> int:
+    """``clients`` connections sending until ``count`` requests or ``seconds`` are done.
+
+    Each client opens its keep-alive connection before ``start_at``, as a client that
+    exists before the work arrives has; the clock starts with the first request.
+    """
     connections = [CLIENTS[kind](host, port, method, path, tokens[n % len(tokens)])
                    for n in range(clients)]
+    await asyncio.gather(*(connection.connect() for connection in connections))
+    await asyncio.sleep(max(0.0, start_at - time.time()))  # every process starts together
     remaining = [count or 0]
     deadline = time.monotonic() + (seconds or 0)
     errors = 0
@@ -199,11 +211,9 @@ def _worker(job: dict, start_at: float, results: multiprocessing.Queue) -> None:
         uvloop.install()
     except ImportError:
         pass
-    while time.time() < start_at:  # every process starts together
-        time.sleep(0.001)
     timings: list[tuple[float, float]] = []
     cpu = time.process_time()
-    errors = asyncio.run(_drive(out=timings, **job))
+    errors = asyncio.run(_drive(start_at=start_at, out=timings, **job))
     results.put((timings, errors, time.process_time() - cpu))
 
 
@@ -221,7 +231,7 @@ def measure(server: subprocess.Popen[bytes], processes: int, job: dict,
     """Run one load across ``processes`` processes; the figures of the whole."""
     results: multiprocessing.Queue = multiprocessing.Queue()
     server_cpu = cpu_seconds(server.pid)
-    start_at = time.time() + 0.5
+    start_at = time.time() + 1.0  # time enough for every client to connect
     per_clients = split(clients, processes)
     per_counts = split(count, processes) if count is not None else [None] * processes
     workers = [
@@ -254,6 +264,8 @@ def measure(server: subprocess.Popen[bytes], processes: int, job: dict,
         "per_second": round(len(timings) / elapsed, 1),
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "p999_ms": round(percentile(latencies, 0.999) * 1000, 2),
+        "max_ms": round(max(latencies, default=0.0) * 1000, 2),
         "server_cpu_us_per_request": round(server_cpu / done * 1e6),
         "client_cpu_us_per_request": round(client_cpu / done * 1e6),
     }
