@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from events.types import JobSpec
+from service.executors.wrapper import JOB_MARK
 
 __all__ = ["WRAPPER", "job_environment", "launch_problem", "wrapper_argv"]
 
@@ -27,7 +28,7 @@ def job_environment(
     env.update(spec.env)
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in gpus)
-    env["GPUYARD_JOB_ID"] = job_id
+    env[JOB_MARK] = job_id  # every process of the job inherits it (see the wrapper)
     return env
 
 

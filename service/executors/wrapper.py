@@ -16,6 +16,10 @@ it works whatever the job's environment or the server's state.
    not start (missing binary, bad working directory); this happens even when the server is
    gone. Then it SIGKILLs whatever the command left running in its group, so the GPUs are
    really free once the job is recorded as finished, and exits with the command's status.
+
+Processes that left the group (``setsid``) are found by the ``GPUYARD_JOB_ID`` in their
+environment (:func:`escaped_processes`): relayed signals and the final SIGKILL reach them
+too, and so does the local executor's SIGKILL after a cancel's grace.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import sys
 import time
 
 RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+JOB_MARK = "GPUYARD_JOB_ID"  # in the environment of every process of a job
 
 
 def _write_atomically(path: str, payload: dict[str, object]) -> None:
@@ -77,13 +82,45 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+def escaped_processes(pgid: int, job_id: str | None) -> list[int]:
+    """Pids of the job's processes that left group ``pgid`` (the caller excluded).
+
+    Every process of a job inherits ``GPUYARD_JOB_ID`` (the local executor sets it), so a
+    descendant that moved to a session or group of its own (``setsid``, a daemonizing
+    double fork) is still found through ``/proc/<pid>/environ``. (A process that clears
+    its environment, or a job run by another user, is out of reach.)
+    """
+    if not job_id:
+        return []
+    mark = f"\0{JOB_MARK}={job_id}\0".encode()
+    me = os.getpid()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                if mark not in b"\0" + handle.read():
+                    continue
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) != pgid and fields[0] not in ("Z", "X"):
+            found.append(int(name))
+    return found
+
+
 def _kill_leftovers() -> None:
-    """SIGKILL what the command left in this process group (never the wrapper itself)."""
+    """SIGKILL what the command left behind: its group, and the job's processes that left
+    it (never the wrapper itself)."""
     pgid = os.getpgrp()
     if pgid != os.getpid():
         return  # not a group leader: the group is not ours to clean
+    job_id = os.environ.get(JOB_MARK)
     for _ in range(20):
-        members = _group_members(pgid)
+        members = _group_members(pgid) + escaped_processes(pgid, job_id)
         if not members:
             return
         for pid in members:
@@ -105,10 +142,17 @@ def _launch_error(exc: OSError, argv: list[str], cwd: str | None) -> str:
 
 
 def _relay(signum: int, _frame: object) -> None:
-    """Relay a stop signal to the whole group, ignoring the copy that comes back to us."""
+    """Relay a stop signal to the whole group, ignoring the copy that comes back to us,
+    and to the job's processes that left the group."""
     signal.signal(signum, signal.SIG_IGN)
     try:
-        os.killpg(os.getpgrp(), signum)
+        pgid = os.getpgrp()
+        os.killpg(pgid, signum)
+        for pid in escaped_processes(pgid, os.environ.get(JOB_MARK)):
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
     finally:
         signal.signal(signum, _relay)
 

@@ -3,6 +3,7 @@ executor, and a real job script (see ``test_local_support.py``). No mocks."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -154,6 +155,44 @@ async def test_cancel_kills_the_whole_process_group(tmp_path: Path, jobs: Jobs) 
         assert (await wait_status(engine, "next", "completed")).allocated_gpus == (0,)
     assert jobs.conflicts() == ""
     assert gpu_holding_violations(tmp_path / "events.db") == []
+
+
+async def test_cancel_reaches_a_grandchild_that_left_the_group(
+    tmp_path: Path, jobs: Jobs
+) -> None:
+    async with open_keeper(tmp_path, "1xA100:40", OPEN_LIMITS) as (engine, _executor):
+        await engine.execute(ChangeSettings({"cancel_grace_seconds": 0.3}), LOCAL_ADMIN)
+        await engine.execute(
+            submit_command("parent", jobs.command("--wait", "--grandchild", "--escape")),
+            LOCAL_ADMIN)
+        await engine.execute(submit_command("next", jobs.command()), LOCAL_ADMIN)
+        seen = await wait_seen(jobs, "parent")
+        escaped = (seen["grandchild_pid"], seen["grandchild_start"])
+        assert os.getsid(escaped[0]) == escaped[0] != seen["sid"]  # a session of its own
+
+        await engine.execute(Cancel(job_ids=("parent",)), LOCAL_ADMIN)
+        await wait_status(engine, "parent", "cancelled")
+
+        assert process_gone(*escaped)
+        # it held the GPU's lock: the next job on that GPU would have found it taken
+        assert (await wait_status(engine, "next", "completed")).allocated_gpus == (0,)
+    assert jobs.conflicts() == ""
+
+
+async def test_a_finished_job_leaves_no_grandchild_behind_even_outside_its_group(
+    tmp_path: Path, jobs: Jobs
+) -> None:
+    async with open_keeper(tmp_path, "1xA100:40", OPEN_LIMITS) as (engine, _executor):
+        await engine.execute(
+            submit_command("parent", jobs.command("--wait", "--grandchild", "--escape")),
+            LOCAL_ADMIN)
+        seen = await wait_seen(jobs, "parent")
+        escaped = (seen["grandchild_pid"], seen["grandchild_start"])
+        assert not process_gone(*escaped)
+
+        jobs.release("parent")
+        await wait_status(engine, "parent", "completed")
+        assert await settle(lambda: process_gone(*escaped))
 
 
 async def test_a_job_ignoring_sigterm_is_killed_after_the_grace(

@@ -55,6 +55,8 @@ JOB_SCRIPT = textwrap.dedent(
     parser.add_argument("--wait", action="store_true", help="wait for <out>/<job>.go")
     parser.add_argument("--grandchild", action="store_true")
     parser.add_argument("--ignore-term", action="store_true")
+    parser.add_argument("--escape", action="store_true",
+                        help="the grandchild leaves the group: its own session (setsid)")
     args = parser.parse_args()
     job_id = os.environ["GPUYARD_JOB_ID"]
 
@@ -87,7 +89,8 @@ JOB_SCRIPT = textwrap.dedent(
     seen.update(pid=os.getpid(), pgid=os.getpgrp(), sid=os.getsid(0), cwd=os.getcwd())
     if args.grandchild:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
-                                 pass_fds=[lock.fileno() for lock in held])
+                                 pass_fds=[lock.fileno() for lock in held],
+                                 start_new_session=args.escape)
         with open("/proc/%d/stat" % child.pid) as handle:
             stat = handle.read()
         seen.update(grandchild_pid=child.pid,
