@@ -14,7 +14,14 @@ import pytest
 
 from events.envelope import GENESIS_HASH, Recorded, seal
 from events.export import row_from_export, row_to_export
-from events.log import ChainBroken, EventLog, LogConflict, LogError, verify_rows
+from events.log import (
+    INSERT_ROWS,
+    ChainBroken,
+    EventLog,
+    LogConflict,
+    LogError,
+    verify_rows,
+)
 from events.types import AnyEvent, JobSpec, JobSubmitted, Settings, SettingsChanged, UserCreated
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,6 +99,24 @@ def test_append_read_and_verify(log_path: Path) -> None:
     reopened = EventLog(log_path, readonly=True)
     assert reopened.verify() == 33
     assert list(reopened.read()) == written + more + stale
+    reopened.close()
+
+
+def test_a_batch_longer_than_one_insert_is_one_transaction(log_path: Path) -> None:
+    log = EventLog(log_path)
+    batch = sealed(log, sample_events(INSERT_ROWS + 5))  # two INSERT statements
+    log.append(batch)
+    assert list(log.read()) == batch and log.verify() == INSERT_ROWS + 5
+
+    # a duplicate seq in the second statement: the first one's rows are not kept either
+    more = sealed(log, sample_events(INSERT_ROWS + 2))
+    clash = more[:-1] + [more[0]]
+    with pytest.raises(LogConflict):
+        log.append(clash)
+    assert log.last_seq == INSERT_ROWS + 5
+    log.close()
+    reopened = EventLog(log_path, readonly=True)
+    assert list(reopened.read()) == batch
     reopened.close()
 
 
