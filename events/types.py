@@ -17,8 +17,13 @@ Target = Literal["local", "worker", "cloud"]
 LEVEL_PRIORITY: dict[str, int] = {"admin": 30, "lead": 20, "researcher": 10, "viewer": 0}
 
 
-class JobSpec(Struct, frozen=True, kw_only=True):
-    """A config resolved at submission: the job never changes when its file does."""
+class JobSpec(Struct, frozen=True, kw_only=True, gc=False):
+    """A config resolved at submission: the job never changes when its file does.
+
+    ``gc=False`` (as for every event): the cyclic collector never walks it. Specs live as
+    long as their jobs, one per job; they hold strings, numbers and containers of them,
+    so they can never be part of a cycle.
+    """
 
     config_name: str
     command: tuple[str, ...]
@@ -55,8 +60,9 @@ class Settings(Struct, frozen=True, kw_only=True):
     cancel_grace_seconds: float = 10.0
 
 
-class Event(Struct, frozen=True, kw_only=True, tag_field="type"):
-    """Base of every event; subclasses carry an explicit dotted tag."""
+class Event(Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
+    """Base of every event; subclasses carry an explicit dotted tag (and inherit
+    ``gc=False``: a fact holds only values, never a reference back to anything)."""
 
 
 class JobSubmitted(Event, tag="job.submitted", kw_only=True):
