@@ -31,8 +31,13 @@ NAME_RULE = "1-100 characters: letters, digits, '.', '_' or '-', starting with a
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _is_name(name: str) -> bool:
+    """The one rule for config names (a file ``<name>.toml`` in the configs directory)."""
+    return bool(_NAME.match(name)) and not name.endswith(".toml")
+
+
 def check_name(name: str) -> str:
-    if not _NAME.match(name) or name.endswith(".toml"):
+    if not _is_name(name):
         raise InvalidRequest(f"config name {name!r} is not valid: {NAME_RULE}")
     return name
 
@@ -122,13 +127,13 @@ class ConfigStore:
         for entry in os.scandir(self.directory):
             if entry.name.endswith(".toml") and entry.is_file():
                 name = entry.name[: -len(".toml")]
-                if _NAME.match(name):
+                if _is_name(name):  # a listed name can always be fetched
                     found.append(name)
         return sorted(found)
 
     def get(self, name: str) -> ConfigSpec:
         """The parsed config; :class:`UnknownConfig` or :class:`InvalidRequest`."""
-        if not _NAME.match(name) or name.endswith(".toml"):
+        if not _is_name(name):
             raise UnknownConfig(f"no config named {name!r} ({NAME_RULE})")
         cached = self._cache.get(name)
         now = time.monotonic()
@@ -140,7 +145,7 @@ class ConfigStore:
         return result
 
     def _load(self, name: str, now: float, cached: _Loaded | None) -> _Loaded:
-        path = self.directory / f"{name}.toml"
+        path = self.path(name)
         try:
             stat = path.stat()
         except (FileNotFoundError, NotADirectoryError):

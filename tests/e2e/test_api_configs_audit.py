@@ -86,6 +86,16 @@ def test_config_store_sees_file_edits_when_it_looks_again(tmp_path) -> None:
         store.get("train")
 
 
+def test_config_store_lists_only_names_it_can_fetch(tmp_path) -> None:
+    (tmp_path / "train.toml").write_text('command = ["a"]\n')
+    (tmp_path / "odd.toml.toml").write_text('command = ["a"]\n')  # name "odd.toml": refused
+    (tmp_path / "-dash.toml").write_text('command = ["a"]\n')
+    store = ConfigStore(tmp_path)
+    assert store.names() == ["train"]
+    with pytest.raises(UnknownConfig):
+        store.get("odd.toml")
+
+
 def test_config_store_looks_at_most_once_per_interval_but_put_is_seen_at_once(tmp_path) -> None:
     store = ConfigStore(tmp_path, recheck_seconds=3600)
     (tmp_path / "train.toml").write_text('command = ["a"]\n')
