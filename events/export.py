@@ -7,13 +7,17 @@ gives back the stored bytes, so an export can be verified without the database.
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
 from events.codec import canonical_json
 
-__all__ = ["FIELDS", "Row", "row_to_export", "row_from_export", "jsonl_line", "csv_cells"]
+__all__ = [
+    "FIELDS", "Row", "csv_cells", "jsonl_line", "parse_time", "row_from_export", "row_to_export",
+]
 
 FIELDS = ("seq", "at", "type", "actor", "correlation_id", "causation_id", "data", "hash")
 
@@ -67,3 +71,25 @@ def row_from_export(line: dict[str, Any]) -> Row:
         )
     except (KeyError, TypeError, ValueError, msgspec.DecodeError) as exc:
         raise ValueError(f"malformed export line: {exc}") from exc
+
+
+def parse_time(text: str) -> float:
+    """An export filter's time as epoch seconds: ISO 8601 (``Z`` or an offset; naive is
+    UTC) or epoch seconds. ``ValueError`` says what it must be instead."""
+    text = text.strip()
+    try:
+        epoch = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(epoch):
+            raise ValueError("must be a finite time")
+        return epoch
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError("must be an ISO 8601 time (2024-01-31T12:00:00Z) or epoch seconds") \
+            from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()

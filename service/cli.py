@@ -17,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -671,24 +670,12 @@ def _timestamp(text: str | None, option: str) -> float | None:
     """ISO 8601 (``2026-01-31``, ``2026-01-31T12:00:00Z``) or epoch seconds."""
     if text is None:
         return None
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not an ISO 8601 time or epoch seconds",
-                                 param_hint=option) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+    from events.export import parse_time
 
-
-def _iso(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r} {exc}", param_hint=option) from None
 
 
 @contextmanager
@@ -741,10 +728,12 @@ def audit_export(ctx: click.Context, fmt: str, since: str | None, until: str | N
         if output not in (None, "-"):
             click.echo(f"exported {count} events to {output}", err=True)
         return
+    _timestamp(since, "--since")  # a bad time is refused here, before any request
+    _timestamp(until, "--until")
     params = {
         "format": fmt,
-        "since": _iso(_timestamp(since, "--since")),
-        "until": _iso(_timestamp(until, "--until")),
+        "since": since,
+        "until": until,
         "after_seq": after_seq,
         "job_id": job_id,
         "user_id": user_id,

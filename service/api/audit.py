@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -33,6 +31,7 @@ from litestar.params import FromQuery, QueryParameter
 from litestar.response import Stream
 
 from events.export import FIELDS, csv_cells, jsonl_line
+from events.export import parse_time as export_time
 from events.log import EventLog, Row
 from service.api.auth import CurrentActor
 from service.api.context import runtime_of
@@ -47,25 +46,13 @@ CSV = "text/csv; charset=utf-8"
 
 
 def parse_time(name: str, text: str | None) -> float | None:
-    """ISO 8601 (``Z`` or an offset; naive is UTC) or epoch seconds; 422 otherwise."""
+    """A time filter (:func:`events.export.parse_time`); 422 when it is not one."""
     if text is None or text == "":
         return None
     try:
-        epoch = float(text)
-    except ValueError:
-        pass
-    else:
-        if not math.isfinite(epoch):
-            raise InvalidRequest(f"{name} must be a finite time, not {text!r}")
-        return epoch
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an ISO 8601 time (2024-01-31T12:00:00Z) or "
-                             f"epoch seconds, not {text!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+        return export_time(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"{name} {exc}, not {text!r}") from None
 
 
 class ExportFilter:

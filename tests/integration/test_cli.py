@@ -281,6 +281,7 @@ def test_export_csv_and_a_filtered_export(cli, tmp_path: Path) -> None:
         (["jobs", "list", "--status", "sleeping"], "--status"),
         (["jobs", "priority", "x", "high"], "PRIORITY"),
         (["audit", "export", "--since", "last tuesday"], "--since"),
+        (["audit", "export", "--until", "nan"], "must be a finite time"),
         (["queue", "cleanup", "--days", "0"], "--days"),
         (["nosuchcommand"], "nosuchcommand"),
     ],
