@@ -214,17 +214,21 @@ def index_all(state: QueueState) -> None:
     state.local_running = 0
     state.user_active = {}
     state.gpu_holder = {}
-    pending = state.pending
-    pending.enabled = False  # the pending order is built in one go, below
+    pending: list[JobEntry] = []
+    running: list[JobEntry] = []
+    state.pending.enabled = False  # the pending order is built in one go, below
     for job in state.jobs.values():
-        if job.status == "running":
-            continue  # in the order they started, below
+        status = job.status
+        if status == "running":
+            running.append(job)  # indexed below, in the order they started
+            continue
+        if status == "pending":
+            pending.append(job)
         _index(state, job)
-    running = [job for job in state.jobs.values() if job.status == "running"]
     running.sort(key=_started_at)
     for job in running:
         _index(state, job)
-    pending.rebuild(state.pending_jobs())
+    state.pending.rebuild(pending)
 
 
 def _started_at(job: JobEntry) -> float:

@@ -261,6 +261,3 @@ class QueueState:
     def free_gpus(self) -> list[int]:
         """Indices of inventory GPUs that no running job holds, lowest first."""
         return sorted(d.index for d in self.gpus if d.index not in self.gpu_holder)
-
-    def pending_jobs(self) -> list[JobEntry]:
-        return [job for job in self.jobs.values() if job.status == "pending"]
