@@ -294,7 +294,7 @@ class Engine:
             )
             command = request.command
             kind = type(command)  # commands are final Structs; isinstance misses are slow
-            if type(command) is Submit and command.no_wait and outcome.events:
+            if kind is Submit and command.no_wait and outcome.events:
                 # its answer promised a start: give it the pass before anyone else acts
                 self._schedule(now, records, request.correlation_id)
             if kind is Process:
