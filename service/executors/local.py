@@ -59,7 +59,7 @@ from service.engine import Engine, EngineUnavailable
 from service.executors.launch import job_environment, launch_problem, wrapper_argv
 from service.executors.procfs import boot_id, is_running, process_start_time
 from service.executors.run_files import LaunchRecord, RunFiles
-from service.executors.wrapper import escaped_processes
+from service.executors.wrapper import signal_job
 
 __all__ = ["LocalExecutor"]
 
@@ -306,7 +306,7 @@ class LocalExecutor:
         record = RunFiles(self.runs_dir, run.job_id).exit_record(run.attempt)
         if record is None:
             # the wrapper died without recording (killed): nothing of the job may outlive it
-            _kill_job(run.pid, run.job_id, signal.SIGKILL)
+            await _kill_job(run.pid, run.job_id)
         if run.cancelling:
             log.info("job_cancelled", job_id=run.job_id)
             await self._report(ReportCancelled(job_id=run.job_id))
@@ -365,7 +365,7 @@ class LocalExecutor:
                 await run.exited.wait()
         if not run.exited.is_set() or _group_exists(run.pid):
             log.info("job_cancel_sigkill", job_id=run.job_id, pid=run.pid)
-            _kill_job(run.pid, run.job_id, signal.SIGKILL)
+            await _kill_job(run.pid, run.job_id)
 
     # ------------------------------------------------------------ reporting
 
@@ -417,14 +417,7 @@ def _group_exists(pgid: int) -> bool:
     return True
 
 
-def _kill_job(pgid: int, job_id: str, signum: int) -> None:
-    """Signal the job's process group and the job's processes that left it."""
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for pid in escaped_processes(pgid, job_id):
-        try:
-            os.kill(pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
+async def _kill_job(pgid: int, job_id: str) -> None:
+    """SIGKILL the job's process group and the job's processes that left it (a /proc
+    scan, so in a worker thread: the event loop serves on meanwhile)."""
+    await anyio.to_thread.run_sync(signal_job, pgid, job_id, signal.SIGKILL)

@@ -18,7 +18,7 @@ it works whatever the job's environment or the server's state.
    really free once the job is recorded as finished, and exits with the command's status.
 
 Processes that left the group (``setsid``) are found by the ``GPUYARD_JOB_ID`` in their
-environment (:func:`escaped_processes`): relayed signals and the final SIGKILL reach them
+environment (:func:`job_processes`): relayed signals and the final SIGKILL reach them
 too, and so does the local executor's SIGKILL after a cancel's grace.
 """
 
@@ -50,13 +50,18 @@ def _write_atomically(path: str, payload: dict[str, object]) -> None:
         os.close(directory)
 
 
-def _start_time(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as handle:
-        stat = handle.read().decode("ascii", "replace")
-    return int(stat[stat.rindex(")") + 2:].split()[19])
+def stat_fields(pid: int) -> list[str] | None:
+    """Fields 3.. of ``/proc/<pid>/stat`` (after the command name), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read().decode("ascii", "replace")
+    except (OSError, ValueError):
+        return None
+    return stat[stat.rindex(")") + 2:].split()
 
 
-def _boot_id() -> str | None:
+def boot_id() -> str | None:
+    """This boot's id; process start times are only comparable within one boot."""
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
             return handle.read().strip()
@@ -64,52 +69,52 @@ def _boot_id() -> str | None:
         return None
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Pids of the processes in group ``pgid`` (read from /proc), the caller excluded."""
-    members = []
-    me = os.getpid()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                stat = handle.read().decode("ascii", "replace")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(name))
-    return members
+def _carries(pid: int, mark: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            return mark in b"\0" + handle.read()
+    except OSError:
+        return False
 
 
-def escaped_processes(pgid: int, job_id: str | None) -> list[int]:
-    """Pids of the job's processes that left group ``pgid`` (the caller excluded).
+def job_processes(pgid: int, job_id: str | None, *, group: bool) -> list[int]:
+    """Live pids of one job (the caller excluded), read from ``/proc``: with ``group``,
+    those in process group ``pgid``; and those outside it that carry the job's mark.
 
     Every process of a job inherits ``GPUYARD_JOB_ID`` (the local executor sets it), so a
     descendant that moved to a session or group of its own (``setsid``, a daemonizing
     double fork) is still found through ``/proc/<pid>/environ``. (A process that clears
     its environment, or a job run by another user, is out of reach.)
     """
-    if not job_id:
-        return []
-    mark = f"\0{JOB_MARK}={job_id}\0".encode()
+    mark = f"\0{JOB_MARK}={job_id}\0".encode() if job_id else None
     me = os.getpid()
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == me:
             continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as handle:
-                if mark not in b"\0" + handle.read():
-                    continue
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                stat = handle.read().decode("ascii", "replace")
-        except OSError:
+        pid = int(name)
+        fields = stat_fields(pid)
+        if fields is None or fields[0] in ("Z", "X"):
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) != pgid and fields[0] not in ("Z", "X"):
-            found.append(int(name))
+        if int(fields[2]) == pgid:
+            if group:
+                found.append(pid)
+        elif mark is not None and _carries(pid, mark):
+            found.append(pid)
     return found
+
+
+def signal_job(pgid: int, job_id: str | None, signum: int) -> None:
+    """Send ``signum`` to process group ``pgid`` and to the job's processes that left it."""
+    try:
+        os.killpg(pgid, signum)
+    except OSError:
+        pass
+    for pid in job_processes(pgid, job_id, group=False):
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
 
 
 def _kill_leftovers() -> None:
@@ -120,7 +125,7 @@ def _kill_leftovers() -> None:
         return  # not a group leader: the group is not ours to clean
     job_id = os.environ.get(JOB_MARK)
     for _ in range(20):
-        members = _group_members(pgid) + escaped_processes(pgid, job_id)
+        members = job_processes(pgid, job_id, group=True)
         if not members:
             return
         for pid in members:
@@ -146,13 +151,7 @@ def _relay(signum: int, _frame: object) -> None:
     and to the job's processes that left the group."""
     signal.signal(signum, signal.SIG_IGN)
     try:
-        pgid = os.getpgrp()
-        os.killpg(pgid, signum)
-        for pid in escaped_processes(pgid, os.environ.get(JOB_MARK)):
-            try:
-                os.kill(pid, signum)
-            except OSError:
-                pass
+        signal_job(os.getpgrp(), os.environ.get(JOB_MARK), signum)
     finally:
         signal.signal(signum, _relay)
 
@@ -168,9 +167,11 @@ def main(args: list[str] | None = None) -> int:
     run_dir = options.run_dir
     exit_file = os.path.join(run_dir, "exit_code")
     pid = os.getpid()
+    me = stat_fields(pid)
+    assert me is not None  # this very process
     _write_atomically(os.path.join(run_dir, "launch.json"), {
-        "attempt": options.attempt, "pid": pid, "start_time": _start_time(pid),
-        "boot_id": _boot_id(),
+        "attempt": options.attempt, "pid": pid, "start_time": int(me[19]),
+        "boot_id": boot_id(),
     })
     for signum in RELAYED:
         signal.signal(signum, _relay)
