@@ -223,7 +223,6 @@ class _Pass:
         self.free = set(state.free_gpus())
         self.inventory = frozenset(d.index for d in state.gpus)
         self.reserved: set[int] | None = set()  # None: every GPU is reserved
-        self.gpu_jobs_blocked = False
         self.local_blocked = False
         self.stopped = False
 
@@ -334,11 +333,10 @@ class _Pass:
                 self.reserved = set(spec.device_ids)
             else:
                 self.reserved = _ALL_GPUS
-                self.gpu_jobs_blocked = True
 
     def level_is_dead(self, level: StreamLevel) -> bool:
         """No job of this level can start for the rest of the pass."""
-        return self.local_blocked or (level[1] and self.gpu_jobs_blocked)
+        return self.local_blocked or (level[1] and self.reserved is _ALL_GPUS)
 
 
 def _walk(
