@@ -19,6 +19,7 @@ import msgspec
 
 from events.codec import UPCASTERS, Decoded, decode_batch, decode_event, decoder_for
 from events.envelope import GENESIS_HASH, Recorded, canonical_bytes, chain_hash
+from events.export import FIELDS, Row
 from events.types import AnyEvent
 
 __all__ = ["EventLog", "LogError", "LogConflict", "ChainBroken", "checked_rows", "verify_rows"]
@@ -40,7 +41,7 @@ CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'the event log is append-only: DELETE is refused'); END;
 """
 
-_COLUMNS = "seq, at, type, actor, correlation_id, causation_id, data, hash"
+_COLUMNS = ", ".join(FIELDS)  # the stored row is the export line, field for field
 
 # A replay batch, built by SQLite in one statement: ``[[seq, at, {"type": tag, ...}], ...]``.
 # The tag goes first (stored data has sorted keys, so its own "type" comes late, and the
@@ -86,8 +87,6 @@ class ChainBroken(LogError):
         self.why = why
 
 
-Row = tuple[int, float, str, str, str | None, int | None, bytes, bytes]
-
 
 def checked_rows(rows: Iterable[Row]) -> Iterator[Row]:
     """Pass rows through in seq order, raising :class:`ChainBroken` at the first bad link."""
@@ -114,7 +113,6 @@ class EventLog:
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = str(path)
-        self.readonly = readonly
         try:
             if readonly:
                 flags = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
