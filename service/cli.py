@@ -28,7 +28,6 @@ __all__ = ["main", "cli"]
 
 STATUSES = ("pending", "queued", "running", "blocked", "completed", "failed", "cancelled",
             "rejected")
-TERMINAL = ("completed", "failed", "cancelled", "rejected")
 DEFAULT_COLUMNS = ("job_id", "status", "user_id", "config_name", "effective_priority",
                    "position", "allocated_gpus", "queued_at", "started_at")
 DEFAULT_HEADERS = ("job_id", "status", "user", "config", "prio", "pos", "gpus", "queued_at",
@@ -340,32 +339,13 @@ def jobs_cancel(ctx: click.Context, job_ids: tuple[str, ...], all_jobs: bool, ye
 @click.pass_context
 def jobs_status(ctx: click.Context, fmt: str) -> None:
     """Queue statistics: depth, running jobs, limits, waits, local GPUs."""
-    from service.cli_tables import duration, key_values
+    from service.cli_tables import key_values, stats_pairs
 
     answer = _api(ctx).get("/api/queue/stats")
     if fmt == "json":
         _json(answer)
         return
-    local = answer.get("local", {})
-    pairs = [
-        ("queued", answer.get("queue_depth")),
-        ("running", answer.get("running")),
-        ("blocked", answer.get("blocked")),
-        ("avg wait (24 h)", duration(answer.get("avg_wait_seconds"))),
-        ("max_concurrent", answer.get("max_concurrent")),
-        ("user_max_concurrent", answer.get("user_max_concurrent")),
-        ("team_max_concurrent", answer.get("team_max_concurrent")),
-        ("enable_fair_share", answer.get("enable_fair_share")),
-        ("local_job_max_concurrent", answer.get("local_job_max_concurrent")),
-        ("local_gpu_max_concurrent", answer.get("local_gpu_max_concurrent") or "unlimited"),
-        ("local running jobs", local.get("running_jobs")),
-        ("local allocated GPUs", local.get("allocated_gpus")),
-        ("local available GPUs", local.get("available_gpus")),
-        ("local total GPUs", local.get("total_gpus")),
-        ("by status", answer.get("by_status")),
-        ("by user (pending+running)", answer.get("by_user")),
-    ]
-    _out().print(key_values(pairs, title="queue"))
+    _out().print(key_values(stats_pairs(answer), title="queue"))
 
 
 @jobs.command("show")
@@ -403,6 +383,8 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
                 out.write(chunk)
         out.flush()
         return
+    from projections.state import TERMINAL
+
     printed = _follow_once(api, path, 0, tail)
     while True:
         # the status first: output written before the job ended is then all in the file
@@ -924,12 +906,7 @@ def replay(db_path: str, until_seq: int | None, until: str | None, explain_job: 
 
     def records() -> Iterator[Any]:
         stream = read_records(source_rows(db_path), verify=not no_verify)
-        for recorded in stream:
-            if until_seq is not None and recorded.seq > until_seq:
-                return
-            if until_at is not None and recorded.at > until_at:
-                return
-            yield recorded
+        return debugger.prefix(stream, until_seq, until_at)
 
     def run() -> Any:
         total = _log_size(db_path)

@@ -119,6 +119,30 @@ def table(
     return out
 
 
+def stats_pairs(stats: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The rows of SPEC section 7's stats (``GET /api/queue/stats``, or a replayed
+    moment's), for :func:`key_values`."""
+    local = stats.get("local") or {}
+    return [
+        ("queued", stats.get("queue_depth")),
+        ("running", stats.get("running")),
+        ("blocked", stats.get("blocked")),
+        ("avg wait (24 h)", duration(stats.get("avg_wait_seconds"))),
+        ("max_concurrent", stats.get("max_concurrent")),
+        ("user_max_concurrent", stats.get("user_max_concurrent")),
+        ("team_max_concurrent", stats.get("team_max_concurrent")),
+        ("enable_fair_share", stats.get("enable_fair_share")),
+        ("local_job_max_concurrent", stats.get("local_job_max_concurrent")),
+        ("local_gpu_max_concurrent", stats.get("local_gpu_max_concurrent") or "unlimited"),
+        ("local running jobs", local.get("running_jobs")),
+        ("local allocated GPUs", local.get("allocated_gpus")),
+        ("local available GPUs", local.get("available_gpus")),
+        ("local total GPUs", local.get("total_gpus")),
+        ("by status", stats.get("by_status")),
+        ("by user (pending+running)", stats.get("by_user")),
+    ]
+
+
 def key_values(pairs: Iterable[tuple[str, Any]], *, title: str | None = None) -> Table:
     """A two-column table of settings or stats."""
     out = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_header=False,

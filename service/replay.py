@@ -84,6 +84,7 @@ __all__ = [
     "ReplayError",
     "Progress",
     "Moment",
+    "prefix",
     "replay_until",
     "queue_view",
     "moment_view",
@@ -141,6 +142,18 @@ class Moment:
         self.seq = seq
 
 
+def prefix(
+    records: Iterable[Recorded], until_seq: int | None = None, until_at: float | None = None
+) -> Iterator[Recorded]:
+    """The records up to and including ``until_seq`` and time ``until_at`` (when given)."""
+    for recorded in records:
+        if until_seq is not None and recorded.seq > until_seq:
+            return
+        if until_at is not None and recorded.at > until_at:
+            return
+        yield recorded
+
+
 def replay_until(
     records: Iterable[Recorded],
     *,
@@ -154,16 +167,7 @@ def replay_until(
     else the time of the last event folded.
     """
     progress = progress or _Silent()
-
-    def prefix() -> Iterator[Recorded]:
-        for recorded in records:
-            if until_seq is not None and recorded.seq > until_seq:
-                return
-            if until_at is not None and recorded.at > until_at:
-                return
-            yield recorded
-
-    state = fold(_counted(prefix(), progress))
+    state = fold(_counted(prefix(records, until_seq, until_at), progress))
     now = until_at if until_at is not None else state.last_at
     return Moment(state, now, state.last_seq)
 

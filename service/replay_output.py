@@ -7,7 +7,15 @@ from typing import Any
 import click
 import msgspec
 
-from service.cli_tables import console, duration, key_values, print_json, table, when
+from service.cli_tables import (
+    console,
+    duration,
+    key_values,
+    print_json,
+    stats_pairs,
+    table,
+    when,
+)
 from service.replay import CheckReport, Moment, WaitSummary, WhatIfReport, moment_view
 from service.scheduler import Explanation
 
@@ -43,20 +51,7 @@ def show_moment(moment: Moment, fmt: str) -> None:
                              "reason"],
                     title=f"blocked ({len(blocked)})"))
     stats = view["stats"]
-    out.print(key_values([
-        ("queue_depth", stats["queue_depth"]),
-        ("running", stats["running"]),
-        ("blocked", stats["blocked"]),
-        ("avg wait (24 h)", duration(stats["avg_wait_seconds"])),
-        ("max_concurrent", stats["max_concurrent"]),
-        ("user_max_concurrent", stats["user_max_concurrent"]),
-        ("team_max_concurrent", stats["team_max_concurrent"]),
-        ("enable_fair_share", stats["enable_fair_share"]),
-        ("local_job_max_concurrent", stats["local_job_max_concurrent"]),
-        ("local_gpu_max_concurrent", stats["local_gpu_max_concurrent"] or "unlimited"),
-        ("by_status", stats["by_status"]),
-        ("by_user", stats["by_user"]),
-    ], title="stats"))
+    out.print(key_values(stats_pairs(stats), title="stats"))
     allocation = view["gpu_allocation"]
     out.print(table(allocation["devices"], ["index", "name", "memory_gb", "allocated", "job_id"],
                     title=f"GPU allocation ({len(allocation['allocated_gpus'])} of "
