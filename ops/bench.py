@@ -37,6 +37,7 @@ from anyio.abc import TaskGroup
 from events.envelope import GENESIS_HASH, Recorded, seal
 from events.log import EventLog
 from events.types import (
+    LEVEL_PRIORITY,
     AnyEvent,
     GpuDevice,
     GpuInventoryObserved,
@@ -113,7 +114,6 @@ def generate_history(total: int, seed: int = 7) -> Iterator[Recorded]:
                     for i in range(n_gpus))
     yield sealer(GpuInventoryObserved(backend="nvml", devices=devices))
     levels = ("admin", "lead", "researcher", "researcher", "researcher", "viewer")
-    priority = {"admin": 30, "lead": 20, "researcher": 10, "viewer": 0}
     users: list[tuple[int, str, str]] = []
     for uid in range(1, n_users + 1):
         level = levels[uid % len(levels)] if uid > 1 else "admin"
@@ -155,7 +155,7 @@ def generate_history(total: int, seed: int = 7) -> Iterator[Recorded]:
                 working_dir="/srv/exp", estimated_cost=cost,
             )
             yield sealer(JobSubmitted(
-                job_id=job_id, user_id=uid, team_id=team, spec=spec, priority=priority[level],
+                job_id=job_id, user_id=uid, team_id=team, spec=spec, priority=LEVEL_PRIORITY[level],
                 requires_approval=approval,
                 approval_reason="estimated_cost exceeds approval_cost_threshold 75"
                 if approval else None,

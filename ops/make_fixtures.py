@@ -40,9 +40,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from events.envelope import Recorded
-from events.export import jsonl_line
 from events.log import EventLog
 from events.types import GpuDevice, JobCancelRequested, JobDispatched
+from service.audit import write_export
 from service.commands import (
     SYSTEM,
     Actor,
@@ -265,8 +265,7 @@ def export(path: Path, dest: Path) -> int:
     log = EventLog(path, readonly=True)
     count = log.verify()
     with dest.open("wb") as out:
-        for row in log.rows():
-            out.write(jsonl_line(row))
+        write_export(log.rows(), out)
     log.close()
     return count
 
