@@ -39,7 +39,7 @@ from events.types import (
     UserUpdated,
 )
 from projections.state import TERMINAL, JobEntry, QueueState
-from service.scheduler import Placement, never_fits, probe
+from service.scheduler import Placement, never_fits, position, probe
 
 __all__ = [
     "DomainError", "UnknownJob", "UnknownUser", "UnknownConfig", "WrongState", "NotAllowed",
@@ -287,6 +287,10 @@ class Outcome(Struct, kw_only=True):
     # submit only: the status it got or would get when nothing is written
     status: str | None = None
     placement: Placement | None = None
+    # submit only, when nothing is written: why the job would need an admin's approval,
+    # and the queue position it would take (a dry run that would be queued)
+    approval_reason: str | None = None
+    queue_position: int | None = None
     count: int = 0
     user_id: int | None = None
 
@@ -465,7 +469,7 @@ def _submit(command: Submit, state: QueueState, actor: Actor, now: float) -> Out
     # a dry run answers what the same request without it would get, no_wait included
     if approval is not None:
         status = "rejected" if command.no_wait else "blocked"
-        return Outcome(job_id=None, status=status)
+        return Outcome(job_id=None, status=status, approval_reason=approval)
     candidate = JobEntry(
         job_id=command.job_id,
         user_id=actor.user_id,
@@ -480,7 +484,9 @@ def _submit(command: Submit, state: QueueState, actor: Actor, now: float) -> Out
     placement = probe(state, candidate, now)
     if command.dry_run:
         status = "running" if placement.starts else "rejected" if command.no_wait else "queued"
-        return Outcome(job_id=None, status=status, placement=placement)
+        where = position(state, candidate, now) if status == "queued" else None
+        return Outcome(job_id=None, status=status, placement=placement,
+                       queue_position=where)
     if not placement.starts:
         return Outcome(job_id=None, status="rejected", placement=placement)
     return Outcome(events=[submitted], job_id=command.job_id)

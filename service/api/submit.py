@@ -19,14 +19,13 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody
 
 from events.codec import canonical_json
-from events.types import LEVEL_PRIORITY, JobSpec
 from projections.state import JobEntry, QueueState
 from service import scheduler
 from service.api.auth import CurrentActor
 from service.api.context import engine_of, read_now, request_id_of, runtime_of
 from service.api.errors import error_responses
 from service.api.models import SubmitRequest, SubmitResponse
-from service.commands import Actor, ConfigSpec, Submit
+from service.commands import Submit
 from service.ids import new_job_id
 
 __all__ = ["submit", "request_hash"]
@@ -87,17 +86,6 @@ def _job_answer(state: QueueState, job: JobEntry, now: float, status: str,
     )
 
 
-def _would_be_position(state: QueueState, actor: Actor, name: str, config: ConfigSpec,
-                       now: float) -> int:
-    candidate = JobEntry(
-        job_id="", user_id=actor.user_id, team_id=actor.team_id,
-        spec=JobSpec(config_name=name, command=tuple(config.command)),
-        priority=LEVEL_PRIORITY[actor.level], status="pending", submitted_at=now,
-        queued_at=now, submit_seq=state.last_seq + 1,
-    )
-    return scheduler.position(state, candidate, now) or 1
-
-
 @post(
     "/submit",
     status_code=201,
@@ -147,10 +135,9 @@ async def submit(request: Request[Any, Any, Any], data: JSONBody[SubmitRequest],
     if outcome.job_id is None:  # dry run, or no_wait that cannot start now
         placement = outcome.placement
         status = outcome.status or "rejected"
-        reason = placement.reason.detail if placement and placement.reason else None
-        if status in ("blocked", "rejected") and reason is None:
-            reason = "it needs an admin's approval" + (
-                ", so it cannot start now (no_wait)" if status == "rejected" else "")
+        reason = outcome.approval_reason
+        if reason is None and placement is not None and placement.reason is not None:
+            reason = placement.reason.detail
         return _answer(
             200,
             success=status != "rejected",
@@ -158,9 +145,8 @@ async def submit(request: Request[Any, Any, Any], data: JSONBody[SubmitRequest],
             status=status,
             allocated_gpus=list(placement.gpus) if placement and placement.starts else None,
             allocated_worker_id=None,
-            queue_position=(_would_be_position(state, actor, data.config_name, config, now)
-                            if status == "queued" else None),
-            requires_approval=status == "blocked" or (status == "rejected" and not placement),
+            queue_position=outcome.queue_position,
+            requires_approval=outcome.approval_reason is not None,
             reason=reason,
         )
 

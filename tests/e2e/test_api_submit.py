@@ -75,6 +75,8 @@ async def test_dry_run_writes_nothing_and_says_what_would_happen(api) -> None:
     assert would_wait["status"] == "queued" and would_wait["queue_position"] == 1
     blocked = (await api.submit("cpu", dry_run=True, requires_approval=True)).json()
     assert blocked["status"] == "blocked" and blocked["job_id"] is None
+    assert blocked["requires_approval"] is True
+    assert blocked["reason"] == "approval was requested at submission"  # the rule's own words
     # with no_wait, the answer that submission would get: refused, nothing queued
     refused = await api.submit("sleeper", dry_run=True, no_wait=True)
     assert refused.status_code == 200
