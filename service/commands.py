@@ -44,7 +44,7 @@ from service.scheduler import Placement, never_fits, position, probe
 __all__ = [
     "DomainError", "UnknownJob", "UnknownUser", "UnknownConfig", "WrongState", "NotAllowed",
     "InvalidRequest", "Conflict", "Actor", "LOCAL_ADMIN", "SYSTEM", "Outcome", "handle", "can_see_all",
-    "require_admin", "check_own_or_all", "listing_scope",
+    "require_admin", "check_own_or_all", "visible_job", "listing_scope",
     "ConfigSpec", "Submit", "Cancel", "Approve", "Reject", "SetPriority", "ChangeSettings",
     "Cleanup", "CreateUser", "UpdateUser", "IssueToken", "RevokeToken", "ObserveInventory",
     "ReportStarted", "ReportExited", "ReportFailed", "ReportCancelled", "ExpireApprovals",
@@ -149,6 +149,14 @@ def check_own_or_all(actor: Actor, job: JobEntry, action: str = "view") -> None:
     if job.user_id != actor.user_id and not can_see_all(actor):
         raise NotAllowed(f"job {job.job_id} belongs to another user; only leads and admins "
                          f"may {action} it")
+
+
+def visible_job(state: QueueState, job_id: str, actor: Actor, action: str = "view") -> JobEntry:
+    """The job ``actor`` asks for: :class:`UnknownJob` if there is none, :class:`NotAllowed`
+    if it is another user's and ``actor`` may not ``action`` every job."""
+    job = _job(state, job_id)
+    check_own_or_all(actor, job, action)
+    return job
 
 
 # ---------------------------------------------------------------- commands
@@ -515,8 +523,7 @@ def _cancel(command: Cancel, state: QueueState, actor: Actor) -> Outcome:
             raise InvalidRequest("give job_ids to cancel, or all: true")
         targets = []
         for job_id in dict.fromkeys(command.job_ids):
-            job = _job(state, job_id)
-            check_own_or_all(actor, job, "cancel")
+            job = visible_job(state, job_id, actor, "cancel")
             if job.status in TERMINAL:
                 raise WrongState(f"job {job_id} is already {job.status}; nothing was cancelled")
             targets.append(job)

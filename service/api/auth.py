@@ -8,7 +8,7 @@ so an ``/api`` route that forgets to ask for ``actor`` is still protected; the d
 ``actor`` reuses what it found.
 
 Permissions live in ``service.commands``: writes are checked by the command handler,
-reads (which never reach it) call its ``require_admin`` and ``check_own_or_all``.
+reads (which never reach it) call its ``require_admin`` and ``visible_job``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from litestar import MediaType, Request, Response, get
 from litestar.params import FromPath, FromQuery, QueryParameter
 
 from projections import views
-from projections.state import JobEntry, QueueState
+from projections.state import QueueState
 from service import scheduler
 from service.api import entries
 from service.api.auth import CurrentActor
@@ -28,21 +28,13 @@ from service.api.models import (
     StatsResponse,
 )
 from service.api.read_cache import ReadCache
-from service.commands import Actor, UnknownJob, check_own_or_all, listing_scope
+from service.commands import listing_scope, visible_job
 
 __all__ = ["QUEUE_VIEWS", "settings_out"]
 
 ListStatus = Literal[
     "pending", "queued", "running", "blocked", "completed", "failed", "cancelled", "rejected"
 ]
-
-
-def _job(state: QueueState, job_id: str, actor: Actor) -> JobEntry:
-    job = state.jobs.get(job_id)
-    if job is None:
-        raise UnknownJob(f"no job with id {job_id!r}")
-    check_own_or_all(actor, job)
-    return job
 
 
 _ENCODE = msgspec.json.Encoder().encode
@@ -112,7 +104,7 @@ def job_position(request: Request[Any, Any, Any], actor: CurrentActor,
     that finished in the last 24 h and that the queue drains through
     ``min(max_concurrent, local_job_max_concurrent)`` slots; null with no such history."""
     state = engine_of(request).state
-    return entries.position_of(state, _job(state, job_id, actor), read_now(state))
+    return entries.position_of(state, visible_job(state, job_id, actor), read_now(state))
 
 
 @get("/concurrency", sync_to_thread=False, responses=error_responses(401),
@@ -126,7 +118,7 @@ def get_concurrency(request: Request[Any, Any, Any], actor: CurrentActor) -> Con
 def queue_entry(request: Request[Any, Any, Any], actor: CurrentActor,
                 job_id: FromPath[str]) -> QueueEntry:
     state = engine_of(request).state
-    job = _job(state, job_id, actor)
+    job = visible_job(state, job_id, actor)
     now = read_now(state)
     return entries.queue_entry(job, state, now, scheduler.position(state, job, now))
 
@@ -138,7 +130,7 @@ def explain(request: Request[Any, Any, Any], actor: CurrentActor,
     """The scheduler's own walk, stopped at this job: the first rule that holds it back,
     plus ``jobs_ahead`` when other pending jobs come first."""
     state = engine_of(request).state
-    job = _job(state, job_id, actor)
+    job = visible_job(state, job_id, actor)
     why = scheduler.explain(state, job.job_id, read_now(state))
     return ExplainResponse(
         job_id=why.job_id,

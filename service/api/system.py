@@ -24,7 +24,7 @@ from projections import views
 from projections.state import QueueState
 from service.api.auth import CurrentActor
 from service.api.errors import error_responses
-from service.commands import UnknownJob, check_own_or_all
+from service.commands import visible_job
 from service.executors.run_files import RunFiles, read_tail
 from service.gpus import Inventory, gpu_usage
 
@@ -187,10 +187,7 @@ async def job_logs(
     """The job's combined stdout and stderr (every attempt), as text; empty before it runs.
     Your own jobs, or any job for leads and admins."""
     runtime = request.app.state.runtime
-    job = runtime.engine.state.jobs.get(job_id)
-    if job is None:
-        raise UnknownJob(f"no job with id {job_id!r}")
-    check_own_or_all(actor, job)
+    visible_job(runtime.engine.state, job_id, actor)
     path = RunFiles(Path(runtime.data_dir) / "runs", job_id).output
     if tail is None:
         return Stream(_whole_file(path, offset or 0), media_type=TEXT)
