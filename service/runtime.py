@@ -46,7 +46,7 @@ class Runtime:
         self.data_dir = resolve_data_dir(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "configs").mkdir(exist_ok=True)
-        (self.data_dir / "runs").mkdir(exist_ok=True)
+        self.runs_dir.mkdir(exist_ok=True)
         self._lock = _lock_data_dir(self.data_dir)
         self.log_path = self.data_dir / "events.db"
         try:
@@ -59,6 +59,7 @@ class Runtime:
 
     @property
     def runs_dir(self) -> Path:
+        """Where each job's run files live (``<data-dir>/runs/<job_id>``)."""
         return self.data_dir / "runs"
 
     def open_log_readonly(self) -> EventLog:

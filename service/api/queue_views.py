@@ -14,7 +14,7 @@ from projections.state import QueueState
 from service import scheduler
 from service.api import entries
 from service.api.auth import CurrentActor
-from service.api.context import engine_of, read_now
+from service.api.context import engine_of, read_cache_of, read_now
 from service.api.errors import error_responses
 from service.api.models import (
     ConcurrencySettings,
@@ -27,7 +27,6 @@ from service.api.models import (
     QueueListing,
     StatsResponse,
 )
-from service.api.read_cache import ReadCache
 from service.commands import listing_scope, visible_job
 
 __all__ = ["QUEUE_VIEWS", "settings_out"]
@@ -42,10 +41,6 @@ _ENCODE = msgspec.json.Encoder().encode
 
 def _json(body: bytes) -> Response[Any]:
     return Response(body, media_type=MediaType.JSON)
-
-
-def read_cache_of(request: Request[Any, Any, Any]) -> ReadCache:
-    return request.app.state.read_cache  # type: ignore[no-any-return]
 
 
 def settings_out(state: QueueState) -> ConcurrencySettings:

@@ -23,10 +23,11 @@ from msgspec import Struct
 from projections import views
 from projections.state import QueueState
 from service.api.auth import CurrentActor
+from service.api.context import runtime_of
 from service.api.errors import error_responses
 from service.commands import visible_job
 from service.executors.run_files import RunFiles, read_tail
-from service.gpus import Inventory, gpu_usage
+from service.gpus import gpu_usage
 
 __all__ = ["inventory_summary", "memory_percent", "system_router"]
 
@@ -131,8 +132,8 @@ async def system_status(
     """Load average, memory in use, per-GPU usage (from NVML; usage fields are null for a
     ``--gpus`` inventory), the recorded GPU inventory and, with ``include_allocation``,
     which job holds each GPU."""
-    runtime = request.app.state.runtime
-    state: QueueState = runtime.engine.state
+    runtime = runtime_of(request)
+    state = runtime.engine.state
     allocation = None
     if include_allocation:
         raw = views.gpu_allocation(state)
@@ -142,7 +143,7 @@ async def system_status(
             running_local_jobs=raw["running_local_jobs"],
             devices=[GpuAllocationDevice(**device) for device in raw["devices"]],
         )
-    inventory: Inventory = runtime.inventory
+    inventory = runtime.inventory
     if inventory.backend == "nvml":
         usage = await anyio.to_thread.run_sync(gpu_usage, inventory)  # NVML calls block
     else:
@@ -186,9 +187,9 @@ async def job_logs(
 ) -> Response[bytes] | Stream:
     """The job's combined stdout and stderr (every attempt), as text; empty before it runs.
     Your own jobs, or any job for leads and admins."""
-    runtime = request.app.state.runtime
+    runtime = runtime_of(request)
     visible_job(runtime.engine.state, job_id, actor)
-    path = RunFiles(Path(runtime.data_dir) / "runs", job_id).output
+    path = RunFiles(runtime.runs_dir, job_id).output
     if tail is None:
         return Stream(_whole_file(path, offset or 0), media_type=TEXT)
     content = await anyio.to_thread.run_sync(read_tail, path, tail)
