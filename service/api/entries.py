@@ -12,17 +12,15 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from itertools import islice
 
-from projections.state import JobEntry, QueueState
+from projections.state import STATUSES, JobEntry, QueueState
 from projections.views import mean_run_seconds
 from service import scheduler
 from service.api.models import MeResponse, PositionResponse, QueueEntry, QueueListing
 
 __all__ = [
     "to_datetime", "queue_entry", "effective_priority_of", "listing", "me", "position_of",
-    "estimated_wait_seconds", "LIST_STATUSES",
+    "estimated_wait_seconds",
 ]
-
-LIST_STATUSES = ("pending", "running", "blocked", "completed", "failed", "cancelled", "rejected")
 
 
 def to_datetime(timestamp: float) -> datetime:
@@ -136,7 +134,7 @@ def listing(
     if status is not None:
         wanted = frozenset({status})
     elif include_completed:
-        wanted = frozenset(LIST_STATUSES)
+        wanted = frozenset(STATUSES)
     else:
         wanted = frozenset({"pending", "running", "blocked"})
     page: list[QueueEntry] = []
@@ -180,8 +178,11 @@ def me(state: QueueState, now: float, user_id: int) -> MeResponse:
 # ---------------------------------------------------------------- position and wait
 
 
-def estimated_wait_seconds(state: QueueState, job: JobEntry, now: float) -> float | None:
-    """A rough estimate of how long a pending job still waits (``None``: no basis).
+def estimated_wait_seconds(
+    state: QueueState, job: JobEntry, now: float, position: int | None
+) -> float | None:
+    """A rough estimate of how long a pending job still waits (``None``: no basis);
+    ``position`` is the job's (``scheduler.position``).
 
     Every job is assumed to run as long as the mean of the runs that ended in the
     last 24 hours, and the queue to drain through ``min(max_concurrent,
@@ -206,17 +207,18 @@ def estimated_wait_seconds(state: QueueState, job: JobEntry, now: float) -> floa
         max(0.0, mean_run - (now - (jobs[job_id].started_at or now))) for job_id in state.running
     )[:slots]
     frees += [0.0] * (slots - len(frees))
-    ahead = (scheduler.position(state, job, now) or 1) - 1
+    ahead = (position or 1) - 1
     return round(frees[ahead % slots] + (ahead // slots) * mean_run, 1)
 
 
 def position_of(state: QueueState, job: JobEntry, now: float) -> PositionResponse:
+    position = scheduler.position(state, job, now)
     return PositionResponse(
         job_id=job.job_id,
-        position=scheduler.position(state, job, now),
+        position=position,
         status=job.status,
         priority=job.priority,
         effective_priority=effective_priority_of(job, state, now),
         queued_at=to_datetime(job.queued_at),
-        estimated_wait_seconds=estimated_wait_seconds(state, job, now),
+        estimated_wait_seconds=estimated_wait_seconds(state, job, now, position),
     )
