@@ -26,7 +26,7 @@ from service.ids import token_hash
 
 __all__ = [
     "Unauthenticated", "current_actor", "actor_of_scope", "authentication_middleware",
-    "provide_actor", "actor_dependency", "Actor", "CurrentActor",
+    "actor_dependency", "Actor", "CurrentActor",
 ]
 
 _ACTOR_KEY = "gpuyard.actor"
@@ -76,8 +76,9 @@ def actor_of_scope(scope: Scope) -> Actor:
     return actor  # type: ignore[no-any-return]
 
 
-def current_actor(connection: ASGIConnection[Any, Any, Any, Any]) -> Actor:
-    return actor_of_scope(connection.scope)
+def current_actor(request: ASGIConnection[Any, Any, Any, Any]) -> Actor:
+    """The ``actor`` dependency (Litestar hands a dependency its ``request`` by that name)."""
+    return actor_of_scope(request.scope)
 
 
 def authentication_middleware(app: ASGIApp) -> ASGIApp:
@@ -95,11 +96,7 @@ def authentication_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-def provide_actor(request: ASGIConnection[Any, Any, Any, Any]) -> Actor:
-    return current_actor(request)
-
-
-actor_dependency = Provide(provide_actor, sync_to_thread=False)
+actor_dependency = Provide(current_actor, sync_to_thread=False)
 
 CurrentActor = NamedDependency[Actor]
 """How a route asks for its caller: ``actor: CurrentActor`` (``actor: Actor`` works too)."""

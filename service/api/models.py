@@ -20,7 +20,7 @@ __all__ = [
     "PriorityRequest", "PriorityResponse", "ConcurrencySettings", "ConcurrencyUpdate",
     "ProcessResponse", "CleanupResponse", "UserCreate", "UserUpdate", "UserOut", "UserCreated",
     "UserListing", "TokenInfo", "TokenCreated", "TokenRevokedResponse", "ConfigBody", "ConfigOut",
-    "InvalidConfig", "ConfigListing", "SubmitStatus", "EntryStatus",
+    "InvalidConfig", "ConfigListing", "SubmitStatus", "EntryStatus", "sent_fields",
 ]
 
 NonNegative = Annotated[int, Meta(ge=0)]
@@ -34,6 +34,15 @@ EntryStatus = Literal[
     "pending", "blocked", "running", "completed", "failed", "cancelled", "rejected"
 ]
 LevelName = Literal["admin", "lead", "researcher", "viewer"]
+
+
+def sent_fields(body: Struct) -> dict[str, Any]:
+    """The fields a request body of optional fields actually sent (not left ``UNSET``):
+    only those change, and an explicit ``null`` is a value."""
+    return {
+        name: value for name in body.__struct_fields__
+        if (value := getattr(body, name)) is not UNSET
+    }
 
 
 class ErrorBody(Struct, kw_only=True):

@@ -33,6 +33,7 @@ __all__ = ["PANEL_DIR", "PanelChanges", "WhoAmI", "panel_router"]
 
 PANEL_DIR = Path(__file__).resolve().parent.parent / "panel"
 INDEX_FILE = PANEL_DIR / "index.html"
+INDEX_PAGE = INDEX_FILE.read_bytes()  # read once: GET / never touches the disk
 
 # The page loads only its own script and stylesheet and talks only to this server; every
 # string from the API is inserted as text, never as markup.
@@ -66,7 +67,7 @@ class PanelChanges(Struct, kw_only=True):
 @get("/", sync_to_thread=False, include_in_schema=False, media_type=MediaType.HTML)
 def panel_page() -> Response[bytes]:
     """The queue panel."""
-    return Response(INDEX_FILE.read_bytes(), media_type=MediaType.HTML,
+    return Response(INDEX_PAGE, media_type=MediaType.HTML,
                     headers=SECURITY_HEADERS)
 
 

@@ -13,7 +13,6 @@ from typing import Annotated, Any
 import structlog
 from litestar import Request, Router, post
 from litestar.params import FromPath, JSONBody, QueryParameter
-from msgspec import UNSET
 
 from events.types import JobDispatched
 from projections.state import QueueState
@@ -32,6 +31,7 @@ from service.api.models import (
     PriorityRequest,
     PriorityResponse,
     ProcessResponse,
+    sent_fields,
 )
 from service.api.queue_views import QUEUE_VIEWS, settings_out
 from service.api.submit import submit
@@ -148,10 +148,7 @@ async def set_concurrency(request: Request[Any, Any, Any], actor: CurrentActor,
                           data: JSONBody[ConcurrencyUpdate]) -> ConcurrencySettings:
     """Only the fields sent change (an explicit ``local_gpu_max_concurrent: null`` means
     unlimited); the change is an event; the answer echoes every setting."""
-    changes = {
-        name: value for name in ConcurrencyUpdate.__struct_fields__
-        if (value := getattr(data, name)) is not UNSET
-    }
+    changes = sent_fields(data)
     engine = engine_of(request)
     await engine.execute(ChangeSettings(changes), actor, request_id_of(request))
     log.info("settings_changed", changes=changes)

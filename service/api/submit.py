@@ -51,15 +51,16 @@ def _answer(status_code: int, **fields: Any) -> Response[SubmitResponse]:
     return Response(SubmitResponse(**fields), status_code=status_code)
 
 
+def _shown_status(job: JobEntry) -> str:
+    """A job's status in the seed's submit words: ``pending`` is ``queued``."""
+    return "queued" if job.status == "pending" else job.status
+
+
 def _new_job_status(job: JobEntry) -> str:
     """The seed's submit status of a job this request just created."""
-    if job.status == "pending":
-        return "queued"
-    if job.status in ("blocked", "rejected"):
-        return job.status
-    if job.started_at is not None:
+    if job.status not in ("pending", "blocked", "rejected") and job.started_at is not None:
         return "running"  # it started with this submission (it may even have finished)
-    return job.status
+    return _shown_status(job)
 
 
 def _job_answer(state: QueueState, job: JobEntry, now: float, status: str,
@@ -129,8 +130,7 @@ async def submit(request: Request[Any, Any, Any], data: JSONBody[SubmitRequest],
 
     if outcome.job_id is not None and outcome.job_id != job_id:  # idempotent replay
         job = state.jobs[outcome.job_id]
-        status = "queued" if job.status == "pending" else job.status
-        return _job_answer(state, job, now, status, 200)
+        return _job_answer(state, job, now, _shown_status(job), 200)
 
     if outcome.job_id is None:  # dry run, or no_wait that cannot start now
         placement = outcome.placement

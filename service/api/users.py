@@ -11,7 +11,6 @@ from typing import Any
 import structlog
 from litestar import Request, Response, Router, delete, get, patch, post
 from litestar.params import FromPath, JSONBody
-from msgspec import UNSET
 
 from projections.state import QueueState
 from service.api.auth import CurrentActor
@@ -26,6 +25,7 @@ from service.api.models import (
     UserListing,
     UserOut,
     UserUpdate,
+    sent_fields,
 )
 from service.commands import CreateUser, IssueToken, RevokeToken, UpdateUser, require_admin
 from service.ids import new_token, new_token_id, token_hash
@@ -75,12 +75,8 @@ async def update_user(request: Request[Any, Any, Any], actor: CurrentActor, user
                       data: JSONBody[UserUpdate]) -> UserOut:
     """Only the fields sent change; ``team_id: null`` takes the user out of their team.
     The last admin cannot be demoted."""
-    changes = {
-        name: value for name in UserUpdate.__struct_fields__
-        if (value := getattr(data, name)) is not UNSET
-    }
     engine = engine_of(request)
-    await engine.execute(UpdateUser(user_id=user_id, changes=changes), actor,
+    await engine.execute(UpdateUser(user_id=user_id, changes=sent_fields(data)), actor,
                          request_id_of(request))
     return _user_out(engine.state, user_id)
 
