@@ -369,8 +369,6 @@ def handle(command: Command, state: QueueState, actor: Actor, now: float) -> Out
             return Outcome(events=[JobStarted(
                 job_id=job.job_id, pid=command.pid, process_start_time=command.process_start_time
             )])
-        case ReportExited():
-            return _exited(command, state)
         case ReportFailed():
             return _failed(command, state)
         case ReportCancelled():
