@@ -81,9 +81,16 @@ class Api:
 
 
 @asynccontextmanager
-async def open_api(data_dir: Path, gpus: str = GPUS) -> AsyncIterator[Api]:
-    """The app over ``data_dir`` (whatever its log already holds), stopped at the end."""
+async def open_api(data_dir: Path, gpus: str = GPUS,
+                   tick_seconds: float | None = None) -> AsyncIterator[Api]:
+    """The app over ``data_dir`` (whatever its log already holds), stopped at the end.
+
+    ``tick_seconds`` sets the interval of the periodic pass (5 s otherwise): a test that
+    needs the queue left as the last change left it, pass-free, sets it far out.
+    """
     runtime = Runtime(data_dir, gpus)
+    if tick_seconds is not None:
+        runtime.engine.tick_seconds = tick_seconds
     try:
         async with AsyncTestClient(app=create_app(runtime)) as client:
             yield Api(client, runtime)

@@ -4,7 +4,9 @@ priority overrides, limits, a scheduling pass, cleanup."""
 from __future__ import annotations
 
 import time
+from datetime import datetime
 
+import anyio
 import pytest
 from api_harness import open_api
 
@@ -176,13 +178,59 @@ async def test_raising_a_limit_starts_waiting_jobs(api) -> None:
     assert api.state.jobs[waiting].status == "running"
 
 
-async def test_process_runs_a_pass(api) -> None:
-    await api.submit_ok("cpu")
-    await api.submit_ok("cpu")
-    response = await api.post("/api/queue/process")
-    assert response.status_code == 200
-    # every change already ran a pass, so this one finds nothing new to start
-    assert response.json() == {"success": True, "dispatched": 0, "job_ids": []}
+async def wait_until_first(api, job_id: str) -> None:
+    """Read the job's position until aging has put it first (a read runs no pass)."""
+    deadline = time.monotonic() + 30.0
+    while (await api.get(f"/api/queue/position/{job_id}", "admin")).json()["position"] != 1:
+        assert time.monotonic() < deadline, "aging never put the job first"
+        await anyio.sleep(0.05)
+
+
+async def test_process_runs_a_pass_and_names_what_it_started(data_dir) -> None:
+    """Time alone can make a job startable: aging lifts a researcher's 1-GPU job above the
+    lead's 3-GPU job whose reservation held it back. No change runs a pass then; POST
+    /api/queue/process does, and names the job it started. (The periodic pass, which
+    would do the same, is set far out so that the answer is the test's to see.)"""
+    async with open_api(data_dir, tick_seconds=3600.0) as api:
+        await api.make_users("admin", "lead", "researcher")
+        # aging off while the queue is built: how fast the build goes decides nothing
+        await api.post("/api/queue/concurrency",
+                       {"local_job_max_concurrent": 4, "starvation_boost": 0}, "admin")
+        await api.submit_ok("pair", "admin")  # GPUs 0 and 1
+        freed = (await api.submit_ok("sleeper", "admin", num_processes=2))["job_id"]  # 2, 3
+        low = (await api.submit_ok("sleeper", "researcher"))["job_id"]  # priority 10
+        high = (await api.submit_ok("sleeper", "lead", num_processes=3))["job_id"]  # 20
+        stopped = await api.post(f"/api/queue/{freed}/cancel", who="admin")
+        assert stopped.json()["status"] == "cancelled"
+        # GPUs 2 and 3 are free: the lead's job, first, needs 3 and reserves them
+        why = (await api.get(f"/api/queue/{low}/explain", "admin")).json()
+        assert why["position"] == 2
+        assert why["reasons"][0]["code"] == "reserved_for_higher_priority"
+        idle = await api.post("/api/queue/process", who="admin")
+        assert idle.status_code == 200
+        assert idle.json() == {"success": True, "dispatched": 0, "job_ids": []}
+
+        # Aging on: with a boost of 20 each job reaches 30 one threshold after it was
+        # queued, and then the researcher's job, queued first, leads. The threshold ends
+        # a second after this change, so the change's own pass still sees the old order.
+        queued_at = datetime.fromisoformat(
+            (await api.get(f"/api/queue/{low}", "admin")).json()["queued_at"]).timestamp()
+        threshold = time.time() - queued_at + 1.0
+        aging = await api.post("/api/queue/concurrency", {
+            "starvation_boost": 20, "starvation_threshold_minutes": threshold / 60}, "admin")
+        assert aging.status_code == 200, aging.text
+        assert api.state.jobs[low].status == "pending"
+        await wait_until_first(api, low)
+        assert api.state.jobs[low].status == "pending"  # startable now, not started yet
+
+        response = await api.post("/api/queue/process", who="admin")
+        assert response.status_code == 200
+        assert response.json() == {"success": True, "dispatched": 1, "job_ids": [low]}
+        entry = (await api.get(f"/api/queue/{low}", "admin")).json()
+        assert entry["status"] == "running" and entry["allocated_gpus"] == [2]
+        assert api.state.jobs[high].status == "pending"
+        again = (await api.post("/api/queue/process", who="admin")).json()
+        assert again == {"success": True, "dispatched": 0, "job_ids": []}
 
 
 def backdated_log(data_dir, *jobs: tuple[str, float]) -> None:

@@ -3,9 +3,15 @@ stats and ``me`` in the seed's shapes, position, one entry, explain."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 import pytest
+from api_harness import open_api
+
+from events.envelope import seal
+from events.log import EventLog
+from events.types import JobCompleted, JobDispatched, JobSpec, JobSubmitted
 
 pytestmark = pytest.mark.anyio
 
@@ -131,7 +137,8 @@ async def test_seed_stats_shape(api) -> None:
     assert stats["by_user"] == {str(api.user_ids["admin"]): 1, str(api.user_ids["lead"]): 1,
                                 str(api.user_ids["researcher"]): 3}
     assert stats["max_concurrent"] == 5 and stats["user_max_concurrent"] == 2
-    assert stats["avg_wait_seconds"] == pytest.approx(0.0, abs=1.0)
+    # the running job was dispatched in the very commit that queued it: it waited 0 s
+    assert stats["avg_wait_seconds"] == 0.0
     assert stats["local"] == {
         "running_jobs": 1, "pending_jobs": 4, "allocated_gpus": [], "available_gpus": [0, 1, 2, 3],
         "total_gpus": 4, "max_concurrent_gpus": None, "max_concurrent_jobs": 1,
@@ -180,15 +187,40 @@ async def test_position_of_a_job(api) -> None:
     assert missing.status_code == 404 and "nosuchjob123" in missing.json()["detail"]
 
 
-async def test_estimated_wait_grows_with_position_once_jobs_have_finished(api) -> None:
-    jobs = await given_a_queue(api)
-    await api.post(f"/api/queue/{jobs['running']}/cancel", who="admin")  # one finished run
-    waits = []
-    for name in ("lead", "r1", "r2"):
-        body = (await api.get(f"/api/queue/position/{jobs[name]}", "admin")).json()
-        assert body["estimated_wait_seconds"] is not None and body["status"] == "pending"
-        waits.append(body["estimated_wait_seconds"])
-    assert all(wait >= 0 for wait in waits) and waits == sorted(waits)
+def log_with_one_finished_run(data_dir, seconds: float) -> None:
+    """A log holding one job that ran for exactly ``seconds`` and ended a minute ago."""
+    log = EventLog(data_dir / "events.db")
+    started = float(int(time.time()) - 60 - int(seconds))  # whole seconds: an exact length
+    spec = JobSpec(config_name="cpu", command=("true",), num_processes=0)
+    for event, at in (
+        (JobSubmitted(job_id="finished0001", user_id=0, spec=spec, priority=30), started),
+        (JobDispatched(job_id="finished0001"), started),
+        (JobCompleted(job_id="finished0001", exit_code=0), started + seconds),
+    ):
+        log.append([seal(log.last_hash, log.last_seq + 1, at, "user:0:local-admin", None,
+                         None, event)])
+    log.close()
+
+
+async def test_estimated_wait_grows_by_one_mean_run_per_place_in_the_queue(data_dir) -> None:
+    """The runs of the last day averaged 600 s and one local job runs at a time, so the
+    job at position N waits (N - 1) * 600 s. Nothing runs while the four jobs wait (each
+    needs 2 GPUs and local GPUs were capped at 1 after they were submitted, blocked, and
+    before they were approved), so no running job's remaining time enters the estimate."""
+    log_with_one_finished_run(data_dir, 600.0)
+    async with open_api(data_dir) as api:
+        jobs = [(await api.submit_ok("pair", requires_approval=True))["job_id"]
+                for _ in range(4)]
+        capped = await api.post("/api/queue/concurrency", {"local_gpu_max_concurrent": 1})
+        assert capped.status_code == 200, capped.text
+        for job_id in jobs:
+            approved = await api.post(f"/api/queue/{job_id}/approve")
+            assert approved.json()["status"] == "pending", approved.text
+        assert api.state.status_counts["running"] == 0
+        bodies = [(await api.get(f"/api/queue/position/{job_id}")).json() for job_id in jobs]
+        assert [body["position"] for body in bodies] == [1, 2, 3, 4]
+        waits = [body["estimated_wait_seconds"] for body in bodies]
+        assert waits == pytest.approx([0.0, 600.0, 1200.0, 1800.0], abs=0.1)
 
 
 async def test_one_entry_and_unknown_job(api) -> None:

@@ -158,7 +158,15 @@ def test_cli_export_from_a_database_file_then_verify(day_db: Path, tmp_path: Pat
     out = tmp_path / "offline.csv"
     result = gpuyard("audit", "export", "--db", str(day_db), "--format", "csv", "-o", str(out))
     assert result.returncode == 0, result.stderr
-    assert gpuyard("audit", "verify", str(out)).returncode == 0
+    source = verify_file(day_db)
+    assert result.stderr.strip() == f"exported {source.count} events to {out}"
+    # the whole chain: as many events, the same first and last seq, the same head hash
+    assert verify_file(out) == source
+    verified = gpuyard("audit", "verify", str(out))
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.startswith(
+        f"ok: {source.count} events, seq 1..{source.last_seq}, hash chain intact")
+    assert verified.stdout.strip().endswith(f"head hash {source.head_hash}")
 
 
 @pytest.mark.parametrize(

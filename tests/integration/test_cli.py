@@ -2,6 +2,8 @@
 
 One server (4 fake A100s, the default limits: one local job at a time) is shared by
 the module; every test leaves the queue empty for the next.
+``test_queue_limits_process_cleanup`` runs a server of its own, with a seeded log and
+the periodic pass set far out (see ``ServerWithoutTicks``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -17,6 +20,9 @@ import pytest
 from cli_runner import gpuyard, one_error_line
 from serverproc import ServerProcess, free_port
 
+from events.envelope import seal
+from events.log import EventLog
+from events.types import JobCancelled, JobSpec, JobSubmitted
 from service.audit import ChainBroken, verify_file, verify_partial
 
 CONFIGS = {
@@ -201,19 +207,118 @@ def test_approve_reject_and_priority(cli, server) -> None:
     assert "conflict (409)" in one_error_line(cli("jobs", "approve", blocked_id))
 
 
-def test_queue_limits_process_cleanup(cli) -> None:
-    changed = cli("queue", "limits", "--max-concurrent", "7", "--local-gpu-max-concurrent",
-                  "3", "--format", "json")
-    assert changed.returncode == 0, changed.stderr
-    settings = json.loads(changed.stdout)
-    assert (settings["max_concurrent"], settings["local_gpu_max_concurrent"]) == (7, 3)
-    reset = json.loads(cli("queue", "limits", "--max-concurrent", "5",
-                           "--local-gpu-max-concurrent", "none", "--format", "json").stdout)
-    assert (reset["max_concurrent"], reset["local_gpu_max_concurrent"]) == (5, None)
-    shown = cli("queue", "limits")
-    assert "user_max_concurrent" in shown.stdout
-    assert cli("queue", "process").stdout.startswith("dispatched 0 jobs")
-    assert cli("queue", "cleanup", "--days", "1").stdout.startswith("removed 0 finished")
+# A real server like ``gpuyard serve`` (the app over uvicorn, the local executor, the
+# log), with its periodic pass set an hour out: only changes and ``queue process`` run a
+# pass, so a job that time alone made startable waits for the command under test.
+_SERVE_WITHOUT_TICKS = """
+import sys
+import uvicorn
+from service.api import create_app
+from service.logging import configure_logging
+from service.runtime import Runtime
+
+configure_logging()
+runtime = Runtime(sys.argv[1], sys.argv[2])
+runtime.engine.tick_seconds = 3600.0
+try:
+    uvicorn.run(create_app(runtime), host="127.0.0.1", port=int(sys.argv[3]),
+                log_config=None, access_log=False, lifespan="on")
+finally:
+    runtime.close()
+"""
+
+
+class ServerWithoutTicks(ServerProcess):
+    """A :class:`ServerProcess` whose server runs no periodic pass (one an hour)."""
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-c", _SERVE_WITHOUT_TICKS, str(self.data_dir),
+                self.gpus or "none", str(self.port)]
+
+
+def _log_with_an_old_cancelled_job(data_dir: Path, job_id: str, age_days: float) -> None:
+    """A log holding one job, submitted and cancelled ``age_days`` ago."""
+    log = EventLog(data_dir / "events.db")
+    at = time.time() - age_days * 86400.0
+    spec = JobSpec(config_name="hold", command=("true",), num_processes=0)
+    for event in (JobSubmitted(job_id=job_id, user_id=0, spec=spec, priority=30),
+                  JobCancelled(job_id=job_id)):
+        log.append([seal(log.last_hash, log.last_seq + 1, at, "user:0:local-admin", None,
+                         None, event)])
+    log.close()
+
+
+def test_queue_limits_process_cleanup(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "configs").mkdir(parents=True)
+    (data / "configs" / "hold.toml").write_text(_toml(CONFIGS["hold"]))
+    _log_with_an_old_cancelled_job(data, "oldjob000001", age_days=40)
+    with ServerWithoutTicks(data, gpus="4xA100:40") as server:
+        url = server.url
+
+        def cli(*args: str):  # type: ignore[no-untyped-def]
+            return gpuyard("--server", url, *args)
+
+        def submit(**fields: object) -> str:
+            answer = httpx.post(url + "/api/queue/submit", json={"config_name": "hold", **fields})
+            assert answer.status_code == 201, answer.text
+            return answer.json()["job_id"]  # type: ignore[no-any-return]
+
+        changed = cli("queue", "limits", "--max-concurrent", "7", "--local-gpu-max-concurrent",
+                      "3", "--format", "json")
+        assert changed.returncode == 0, changed.stderr
+        settings = json.loads(changed.stdout)
+        assert (settings["max_concurrent"], settings["local_gpu_max_concurrent"]) == (7, 3)
+        reset = json.loads(cli("queue", "limits", "--max-concurrent", "5",
+                               "--local-gpu-max-concurrent", "none", "--format", "json").stdout)
+        assert (reset["max_concurrent"], reset["local_gpu_max_concurrent"]) == (5, None)
+        shown = cli("queue", "limits")
+        assert "user_max_concurrent" in shown.stdout
+        # aging off while the queue is built: how fast the build goes decides nothing
+        built = httpx.post(url + "/api/queue/concurrency",
+                           json={"local_job_max_concurrent": 4, "starvation_boost": 0})
+        assert built.status_code == 200, built.text
+
+        # GPUs 0-3 busy; a 1-GPU job queued first (priority 10), a 3-GPU job after it (20)
+        submit(num_processes=2, device_ids=[0, 1])
+        freed = submit(num_processes=2)
+        low = submit()
+        high = submit(num_processes=3)
+        for job_id, priority in ((low, 10), (high, 20)):
+            overridden = httpx.post(f"{url}/api/queue/{job_id}/priority",
+                                    json={"priority": priority})
+            assert overridden.status_code == 200, overridden.text
+        stopped = httpx.post(f"{url}/api/queue/{freed}/cancel", timeout=30.0)
+        assert stopped.json()["status"] == "cancelled", stopped.text
+        # GPUs 2 and 3 are free and reserved for the 3-GPU job: the pass starts nothing
+        why = httpx.get(f"{url}/api/queue/{low}/explain").json()
+        assert why["reasons"][0]["code"] == "reserved_for_higher_priority"
+        idle = cli("queue", "process")
+        assert idle.returncode == 0, idle.stderr
+        assert idle.stdout.strip() == "dispatched 0 jobs"
+
+        # aging on: one threshold after it was queued, the 1-GPU job leads the queue (both
+        # jobs reach 30, it was queued first); the threshold ends a second after this change
+        entry = httpx.get(f"{url}/api/queue/{low}").json()
+        queued_at = datetime.fromisoformat(entry["queued_at"]).timestamp()
+        aging = httpx.post(url + "/api/queue/concurrency", json={
+            "starvation_boost": 20,
+            "starvation_threshold_minutes": (time.time() - queued_at + 1.0) / 60})
+        assert aging.status_code == 200, aging.text
+        wait_until(lambda: httpx.get(f"{url}/api/queue/position/{low}").json()["position"] == 1)
+        assert _status(server, low) == "pending"  # startable, and nothing has run a pass
+        dispatched = cli("queue", "process")
+        assert dispatched.returncode == 0, dispatched.stderr
+        assert dispatched.stdout.strip() == f"dispatched 1 jobs: {low}"
+        assert _status(server, low) == "running" and _status(server, high) == "pending"
+
+        cleaned = cli("queue", "cleanup", "--days", "30")
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert cleaned.stdout.startswith("removed 1 finished entries older than 30 days")
+        assert httpx.get(f"{url}/api/queue/oldjob000001").status_code == 404
+        listed = httpx.get(url + "/api/queue", params={"include_completed": "true"}).json()
+        assert "oldjob000001" not in {e["job_id"] for e in listed["entries"]}
+        assert freed in {e["job_id"] for e in listed["entries"]}  # finished today: kept
 
 
 # ---------------------------------------------------------------- audit
@@ -244,7 +349,7 @@ def test_export_then_verify_and_a_changed_event_fails(cli, server, tmp_path: Pat
 
 
 def test_export_csv_and_a_filtered_export(cli, tmp_path: Path) -> None:
-    _job_id(cli("jobs", "submit", "quick", "--format", "json"))
+    wanted = _job_id(cli("jobs", "submit", "quick", "--format", "json"))
     as_csv = tmp_path / "audit.csv"
     assert cli("audit", "export", "--format", "csv", "-o", str(as_csv)).returncode == 0
     assert verify_file(as_csv).count > 0
@@ -256,9 +361,14 @@ def test_export_csv_and_a_filtered_export(cli, tmp_path: Path) -> None:
     assert rows and {row["type"] for row in rows} == {"job.submitted"}
     assert verify_partial(typed).count == len(rows)
     assert cli("audit", "verify", "--partial", str(typed)).returncode == 0
-    to_stdout = cli("audit", "export", "--job", rows[0]["data"]["job_id"])
-    assert to_stdout.returncode == 0
-    assert all(json.loads(line)["seq"] for line in to_stdout.stdout.splitlines())
+    everything = cli("audit", "export")
+    assert everything.returncode == 0, everything.stderr
+    to_stdout = cli("audit", "export", "--job", wanted)
+    assert to_stdout.returncode == 0, to_stdout.stderr
+    mine = [json.loads(line) for line in to_stdout.stdout.splitlines()]
+    assert mine and all(line["data"].get("job_id") == wanted for line in mine)
+    assert {"job.submitted", "job.dispatched"} <= {line["type"] for line in mine}
+    assert len(mine) < len(everything.stdout.splitlines())
 
 
 # ---------------------------------------------------------------- errors

@@ -67,18 +67,15 @@ def test_usage_of_a_declared_inventory_names_devices_without_metrics() -> None:
     assert gpu_usage(Inventory(backend="none")) == []
 
 
-@pytest.mark.parametrize("how", ["--gpus", "GPUYARD_GPUS"])
-def test_serve_refuses_a_malformed_spec_in_one_line(tmp_path, how: str) -> None:  # type: ignore[no-untyped-def]
+def test_serve_refuses_a_malformed_gpuyard_gpus_in_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``GPUYARD_GPUS`` is checked as ``--gpus`` is (that flag's own case is
+    tests/e2e/test_api_server.py::test_a_malformed_gpu_spec_is_one_line_and_exit_2)."""
     argv = [sys.executable, "-c", "from service.cli import main; main()", "serve",
             "--data-dir", str(tmp_path), "--port", "1"]
-    env = {**os.environ}
-    if how == "--gpus":
-        argv += ["--gpus", "4xA100"]
-    else:
-        env["GPUYARD_GPUS"] = "4xA100"
+    env = {**os.environ, "GPUYARD_GPUS": "4xA100"}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60,
                           check=False)
-    assert done.returncode != 0
+    assert done.returncode == 2  # as for a malformed --gpus
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "malformed GPU spec '4xA100'" in lines[0]
     assert "Traceback" not in done.stderr
