@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 from litestar.testing import AsyncTestClient
 
@@ -67,6 +69,17 @@ class Api:
         response = await self.submit(config, who, **fields)
         assert response.status_code == 201, response.text
         return response.json()  # type: ignore[no-any-return]
+
+    async def wait_started(self, *job_ids: str) -> None:
+        """Until each job's process has reported in (its ``job.started`` is in the log).
+
+        The executor records that event on its own time; a test that compares two reads
+        of the log waits for it first, so that nothing lands between the reads.
+        """
+        deadline = time.monotonic() + 30.0
+        while any(self.state.jobs[job_id].pid is None for job_id in job_ids):
+            assert time.monotonic() < deadline, f"{job_ids} never reported started"
+            await anyio.sleep(0.01)
 
     async def make_users(self, *levels: str) -> None:
         """An admin first (it ends single-user mode), then one user per other level."""

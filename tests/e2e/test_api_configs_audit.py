@@ -115,6 +115,7 @@ async def test_audit_export_jsonl_every_event_and_a_chain_that_verifies(api) -> 
     job = await api.submit_ok("cpu", "researcher")
     other = await api.submit_ok("cpu", "admin")
     await api.post(f"/api/queue/{other['job_id']}/cancel", who="admin")
+    await api.wait_started(job["job_id"])  # its job.started, then nothing more comes
     response = await api.get("/api/audit/export", "admin")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/x-ndjson")
@@ -156,6 +157,7 @@ async def test_audit_export_filters(api) -> None:
     mine = (await api.submit_ok("cpu", "researcher"))["job_id"]
     theirs = (await api.submit_ok("cpu", "viewer"))["job_id"]
     await api.post(f"/api/queue/{theirs}/cancel", who="admin")
+    await api.wait_started(mine)  # its job.started, then nothing more comes
     everything = export_lines((await api.get("/api/audit/export", "admin")).text)
 
     by_job = export_lines((await api.get("/api/audit/export", "admin", job_id=theirs)).text)
