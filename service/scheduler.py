@@ -349,6 +349,12 @@ def _walk(
     """
     walk = _Pass(state)
     settings = state.settings
+    if walk.running >= settings.max_concurrent:
+        # rule 1 stops the pass at its first job, whichever it is: nobody is visited
+        # (the steady state of a long queue, so the heap of every user's head is not built)
+        if probe_job is not None:
+            yield probe_job, walk.place(probe_job)
+        return
     index = state.pending
     heap: list[HeapEntry] = []
     for level, heads in index.heads.items():
