@@ -268,7 +268,9 @@ class LocalExecutor:
                 files.note(problem)
                 self._forget(run)
                 log.warning("job_launch_refused", job_id=job.job_id, error=problem)
-                await self._report(ReportFailed(job_id=job.job_id, error=problem, retryable=False))
+                # a launch error is an infrastructure failure (SPEC section 3): re-queued
+                # with attempt + 1 until max_attempts, then failed with this error
+                await self._report(ReportFailed(job_id=job.job_id, error=problem, retryable=True))
                 return
             if job.attempt > 1:
                 files.note(f"attempt {job.attempt} of {job.max_attempts}")
@@ -401,9 +403,11 @@ def _is_local(job: JobEntry) -> bool:
 
 
 def _report_for(job_id: str, exit_code: int | None, error: str | None) -> Command:
+    """An exit code is the job's answer (never retried); a command the wrapper could not
+    start is a launch error, retried like any infrastructure failure."""
     if error is not None or exit_code is None:
         return ReportFailed(job_id=job_id, error=error or "the command could not start",
-                            retryable=False)
+                            retryable=True)
     return ReportExited(job_id=job_id, exit_code=exit_code)
 
 

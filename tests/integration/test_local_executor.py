@@ -23,6 +23,7 @@ from test_local_support import (
     wait_status,
 )
 
+from events.types import JobRequeued
 from service.commands import LOCAL_ADMIN, Cancel, ChangeSettings
 from service.executors.procfs import process_start_time
 
@@ -32,6 +33,11 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def requeued_count(engine, job_id: str) -> int:
+    return sum(isinstance(r.event, JobRequeued) and r.event.job_id == job_id
+               for r in engine.log.read())
 
 
 @pytest.fixture
@@ -112,7 +118,10 @@ async def test_a_command_that_cannot_start_fails_with_a_readable_error(
         await engine.execute(submit_command("bad", command, working_dir=wd), LOCAL_ADMIN)
         job = await wait_status(engine, "bad", "failed")
         assert job.error_message == error.format(tmp=tmp)
-        assert (job.exit_code, job.attempt, job.pid) == (None, 1, None)
+        # a launch error is an infrastructure failure: tried max_attempts times (SPEC 3)
+        assert (job.exit_code, job.attempt, job.pid) == (None, job.max_attempts, None)
+        assert job.max_attempts == 3
+        assert requeued_count(engine, "bad") == 2
         assert engine.state.gpu_holder == {}
         assert error.format(tmp=tmp) in executor.log_path("bad").read_text()
 
@@ -129,7 +138,8 @@ async def test_the_wrapper_reports_a_launch_error_the_preflight_could_not_see(
         job = await wait_status(engine, "odd", "failed")
         assert job.error_message is not None
         assert job.error_message.startswith(f"could not start {script}")
-        assert job.exit_code is None and job.attempt == 1
+        assert job.exit_code is None and job.attempt == job.max_attempts == 3
+        assert requeued_count(engine, "odd") == 2
         assert job.pid is not None  # it did start: the wrapper ran, and told us why not
         assert "gpuyard: could not start" in executor.log_path("odd").read_text()
 
