@@ -17,7 +17,10 @@ across a restart of the engine, as detached processes do.
 - ``restart.jsonl``: an engine stopped with jobs running, a new engine replaying the
   same file, recovering lost jobs and going on.
 
-The files are history: tests fold them as recorded and never regenerate them.
+The files are history: tests fold them as recorded and never regenerate them. They are
+re-recorded here, by hand, only when a scheduling rule changes (a test checks that every
+recorded pass is what the scheduler decides today); the recording is deterministic, so
+unchanged rules give byte-identical files.
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ free; otherwise the lowest-indexed free GPUs.
 
 No starvation by backfill: the first local job in the pass that waits for GPUs reserves
 them. Jobs after it may start only on GPUs outside its ``device_ids``; if it has no
-``device_ids`` (or ``any_gpu``), no later GPU job starts in this pass
-(``reserved_for_higher_priority``). CPU-only jobs (``num_processes = 0``) take no GPU and
-are not held by a reservation.
+``device_ids`` (or ``any_gpu``), no later local job starts in this pass
+(``reserved_for_higher_priority``), CPU-only ones (``num_processes = 0``) included: they
+take no GPU, but they take the local job slots the waiting job will need.
 
 A pass visits the jobs it can start and the heads of held users, not the whole queue:
 a user (or team) at its limit stays at it for the rest of the pass, so the walk stops
@@ -258,6 +258,11 @@ class _Pass:
                 f"local_job_max_concurrent is {s.local_job_max_concurrent}"))
         need = job.spec.num_processes
         if need == 0:
+            if self.reserved is _ALL_GPUS:  # it takes no GPU, but it would take a local slot
+                return Placement(False, reason=Reason(
+                    "reserved_for_higher_priority",
+                    "a higher-priority job waits for GPUs; no lower-priority local job "
+                    "starts before it"))
             return Placement(True)
         outgrown = self._outgrown(job)
         if outgrown is not None:  # the inventory shrank after submission: wait, reserve nothing
@@ -336,7 +341,7 @@ class _Pass:
 
     def level_is_dead(self, level: StreamLevel) -> bool:
         """No job of this level can start for the rest of the pass."""
-        return self.local_blocked or (level[1] and self.reserved is _ALL_GPUS)
+        return self.local_blocked or self.reserved is _ALL_GPUS
 
 
 def _walk(

@@ -388,6 +388,8 @@ def reference_pass(state: QueueState, now: float) -> PassPlan:
         chosen: tuple[int, ...] | None = ()
         if is_local and local >= s.local_job_max_concurrent:
             continue
+        if is_local and not need and reservation is not None and reservation.devices == ALL_GPUS:
+            continue  # no lower-priority local job starts, CPU-only ones included
         if is_local and need:
             limit = s.local_gpu_max_concurrent
             if limit is not None and allocated + need > limit:
@@ -439,9 +441,10 @@ def check_dispatch(state: QueueState, dispatch: JobDispatched, now: float, expec
     assert gpus_now <= set(state.free_gpus()), f"{where}: {dispatch.gpus} not all free"
     if job.spec.device_ids and not job.spec.any_gpu:
         assert dispatch.gpus == job.spec.device_ids, f"{where}: not its device_ids"
-    # no lower-priority job on a GPU reserved for a waiting higher-priority one
+    # no lower-priority job on a GPU reserved for a waiting higher-priority one, and no
+    # lower-priority local job at all (CPU-only included) while every GPU is reserved
     reservation = expected[2]
-    if reservation is not None and need:
+    if reservation is not None and job.spec.target == "local":
         assert reservation.devices != ALL_GPUS, (
             f"{where}: every GPU is reserved for {reservation.job.job_id}")
         assert not gpus_now & set(reservation.devices), (

@@ -242,8 +242,8 @@ PASS_CASES: list[Any] = [
         "inventory": 2, "settings": {"local_job_max_concurrent": 10},
         "running": [job(ALICE, "a0", num_processes=2)],
         "submit": [job(BOB, "b1", num_processes=1), job(CAROL, "c1", num_processes=0)],
-        "starts": ["c1"], "held": {"b1": "gpus_busy"},
-    }, id="gpus-busy-and-cpu-only-still-starts"),
+        "starts": [], "held": {"b1": "gpus_busy", "c1": "reserved_for_higher_priority"},
+    }, id="gpus-busy-reserves-every-gpu-and-holds-a-lower-cpu-only-job"),
     pytest.param({
         "inventory": 4, "settings": {"local_job_max_concurrent": 10},
         "submit": [job(ALICE, "a1", num_processes=2, device_ids=[2, 3])],
@@ -289,8 +289,16 @@ PASS_CASES: list[Any] = [
         "running": [job(DAVE, "x", device_ids=[0])],
         "submit": [job(LEAD, "h", num_processes=4), job(ALICE, "l", num_processes=1),
                 job(BOB, "cpu", num_processes=0)],
+        "starts": [], "held": {"h": "gpus_busy", "l": "reserved_for_higher_priority",
+                               "cpu": "reserved_for_higher_priority"},
+    }, id="reservation-without-device-ids-holds-every-lower-local-job-cpu-only-too"),
+    pytest.param({
+        "inventory": 4, "settings": {"local_job_max_concurrent": 10},
+        "running": [job(DAVE, "x", device_ids=[0])],
+        "submit": [job(LEAD, "h", device_ids=[0, 1]), job(ALICE, "l", device_ids=[1]),
+                job(BOB, "cpu", num_processes=0)],
         "starts": ["cpu"], "held": {"h": "gpus_busy", "l": "reserved_for_higher_priority"},
-    }, id="reservation-without-device-ids-holds-every-lower-gpu-job-not-cpu-only"),
+    }, id="reservation-of-device-ids-lets-a-lower-cpu-only-job-start"),
     pytest.param({
         "inventory": 4, "settings": {"local_job_max_concurrent": 10},
         "running": [job(DAVE, "x", device_ids=[0])],
@@ -344,19 +352,20 @@ def test_a_scheduling_pass(case: PassCase) -> None:
 
 
 def test_a_reservation_holds_for_the_rest_of_its_pass() -> None:
-    """The waiting job reserves the GPUs when the pass reaches it. Its own user's CPU-only
-    job may then take the user's last slot; the reservation still holds for this pass,
-    and the next pass (the holder now waits for its user limit) gives the GPU away."""
+    """The waiting job reserves its GPUs when the pass reaches it. Its own user's CPU-only
+    job (outside a reservation of named GPUs) may then take the user's last slot; the
+    reservation still holds for this pass, and the next pass (the holder now waits for
+    its user limit) gives the GPU away."""
     world = World(3, local_job_max_concurrent=4)
     world.submit(LEAD, "lead", now=0.0, num_processes=1)
     world.submit(BOB, "bob-1gpu", now=0.0, num_processes=1)
-    world.submit(BOB, "bob-2gpu", now=0.0, num_processes=2)
+    world.submit(BOB, "bob-pair", now=0.0, device_ids=[1, 2])
     world.submit(ALICE, "alice-1gpu", now=0.0, num_processes=1)
     world.submit(BOB, "bob-cpu", now=0.0, num_processes=0)
 
     assert world.schedule(0.0) == ["lead", "bob-1gpu", "bob-cpu"]
     assert world.state.free_gpus() == [2]
-    assert world.reason("bob-2gpu", 0.0) == "user_limit"
+    assert world.reason("bob-pair", 0.0) == "user_limit"
     assert world.reason("alice-1gpu", 0.0) == "ready"
     assert world.schedule(0.0) == ["alice-1gpu"]
     assert world.gpus_of("alice-1gpu") == (2,)
