@@ -87,8 +87,12 @@ class Runtime:
                     task_group.cancel_scope.cancel()
 
     def close(self) -> None:
+        """Close the log and release the data directory; a second call does nothing."""
+        if self._lock < 0:
+            return
         self.event_log.close()
         os.close(self._lock)  # releases the data directory for the next server
+        self._lock = -1
 
 
 def _lock_data_dir(data_dir: Path) -> int:

@@ -1,8 +1,15 @@
-"""``gpuyard serve``: configure logging, build the runtime and the app, run uvicorn.
+"""``gpuyard serve``: configure logging, take the port, build the runtime and the app,
+run uvicorn.
 
-A mistake in the arguments (a malformed ``--gpus``, a data directory that cannot be
-used, a log that cannot be opened or replayed) is one line on stderr and exit status 2,
-before anything starts.
+A mistake in the arguments (a malformed ``--gpus``, a port that is taken, a data
+directory that cannot be used, a log that cannot be opened or replayed) is one line on
+stderr and exit status 2, before anything starts: the port is bound before the log is
+replayed, so a server that cannot listen never launches a job.
+
+Stopped by SIGTERM or SIGINT, uvicorn finishes its requests, then re-raises the signal
+so that the exit status says how the process ended. The runtime (the log's connection,
+which folds SQLite's write-ahead file back into ``events.db``, and the data directory's
+lock) is closed before that, in :class:`_Server`.
 
 uvicorn writes a response's status line and headers, then its body, as two socket
 writes: two packets, two wake-ups of the client. :class:`CoalescingTransport` holds
@@ -13,9 +20,12 @@ small machine is worth about a fifth more requests per second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import socket
 import sys
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import msgspec
 import structlog
@@ -26,7 +36,7 @@ from service.logging import configure_logging
 __all__ = ["serve"]
 
 
-def _refuse(message: str) -> None:
+def _refuse(message: str) -> NoReturn:
     sys.stderr.write(f"gpuyard: error: {message}\n")
     sys.stderr.flush()
     raise SystemExit(2)
@@ -88,6 +98,44 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now (uvicorn listens on it once the app is up)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as exc:
+        _refuse(f"cannot listen on {host}:{port}: {exc}")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        _refuse(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    return sock
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn's server, with ``on_stop`` run before a stop signal is re-raised."""
+
+        def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
+            super().__init__(config)
+            self.on_stop = on_stop
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():  # on its way out, it re-raises the signal
+                try:
+                    yield
+                finally:
+                    self.on_stop()
+
+    return _Server
+
+
 def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
     """Run the server until it is stopped (SIGINT/SIGTERM)."""
     import uvicorn
@@ -106,23 +154,26 @@ def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
             parse_gpu_spec(gpus)
         except ValueError as exc:
             _refuse(f"--gpus: {exc}")
+    sock = _listen(host, port)
     try:
         runtime = Runtime(data_dir, gpus)
     except (LogError, OSError) as exc:
+        sock.close()
         _refuse(f"cannot use the data directory: {exc}")
-        return
     except msgspec.MsgspecError as exc:
+        sock.close()
         _refuse(f"cannot replay the event log: an event in it cannot be read ({exc}); "
                 "`gpuyard audit verify --db <data-dir>/events.db` names the first bad seq")
-        return
     app = create_app(runtime)
     _tune_gc()
     structlog.get_logger("gpuyard.serve").info(
-        "server_starting", host=host, port=port, data_dir=str(runtime.data_dir),
-        gpus=runtime.inventory.count, gpu_backend=runtime.inventory.backend,
+        "server_starting", host=host, port=sock.getsockname()[1],
+        data_dir=str(runtime.data_dir), gpus=runtime.inventory.count,
+        gpu_backend=runtime.inventory.backend,
     )
+    server = None
     try:
-        uvicorn.run(
+        config = uvicorn.Config(
             app,
             host=host,
             port=port,
@@ -137,5 +188,10 @@ def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
             proxy_headers=False,
             server_header=False,
         )
+        server = _server_class()(config, on_stop=runtime.close)
+        server.run(sockets=[sock])
     finally:
-        runtime.close()
+        runtime.close()  # when uvicorn never got as far as serving; closing twice is a no-op
+        sock.close()
+    if server is None or not server.started:
+        raise SystemExit(3)  # the app did not start (uvicorn has logged why), as uvicorn.run

@@ -4,6 +4,8 @@ concurrent submissions from many users, a SIGKILL and a restart, bad start-up fl
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
 
@@ -190,3 +192,52 @@ def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path) -> None:
         first.kill()
         first.start()
         assert httpx.get(f"{first.url}/api/queue/stats").status_code == 200
+
+
+def test_a_port_in_use_is_one_line_and_exit_2_before_the_log_is_touched(tmp_path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    data_dir = tmp_path / "data"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", "from service.cli import main; main()", "serve",
+             "--port", str(taken.getsockname()[1]), "--data-dir", str(data_dir),
+             "--gpus", "4xA100:40"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        taken.close()
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("gpuyard: error: cannot listen on 127.0.0.1:")
+    assert not (data_dir / "events.db").exists()  # no replay, no start-up, no job launched
+
+
+def test_sigterm_closes_the_log_so_events_db_alone_holds_every_event(tmp_path) -> None:
+    """Stopped by SIGTERM, the server closes its log before the signal ends the process:
+    SQLite folds the write-ahead file back, so a copy of ``events.db`` alone is whole."""
+    data_dir = tmp_path / "data"
+    write_configs(data_dir)
+    server = ServerProcess(data_dir).start()
+    try:
+        for _ in range(3):
+            response = httpx.post(f"{server.url}/api/queue/submit",
+                                  json={"config_name": "cpu"}, timeout=10)
+            assert response.status_code == 201, response.text
+        server.stop()
+        assert server.process is not None
+        assert server.process.returncode == -signal.SIGTERM  # the signal, re-raised
+    finally:
+        server.stop(kill_jobs=True)
+    assert not (data_dir / "events.db-wal").exists()
+    copy = tmp_path / "copy.db"
+    copy.write_bytes((data_dir / "events.db").read_bytes())
+    log = EventLog(copy)
+    try:
+        submitted = [r for r in log.read() if r.type == "job.submitted"]
+        assert len(submitted) == 3
+        assert log.verify() == log.last_seq
+    finally:
+        log.close()
