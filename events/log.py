@@ -96,6 +96,9 @@ def checked_rows(rows: Iterable[Row]) -> Iterator[Row]:
         seq, at, type_, actor, corr, cause, data, digest = row
         if seq != expected:
             raise ChainBroken(expected, f"seq {expected} is missing (found {seq})")
+        if not (isinstance(data, bytes) and isinstance(digest, bytes)):
+            # SQLite keeps whatever type an UPDATE wrote (replace() gives TEXT)
+            raise ChainBroken(seq, "its data or hash is not stored as bytes: the row was altered")
         if chain_hash(prev, canonical_bytes(seq, at, type_, actor, corr, cause, data)) != digest:
             raise ChainBroken(seq, "stored hash does not match its contents")
         prev = digest

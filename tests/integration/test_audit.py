@@ -154,6 +154,20 @@ def test_cli_verify_fails_with_one_line_naming_the_seq(day_db: Path, tmp_path: P
     assert f"seq {seq}" in line
 
 
+def test_a_row_rewritten_as_text_is_named_not_a_traceback(day_db: Path, tmp_path: Path) -> None:
+    """SQLite keeps the type an UPDATE writes: replace() turns a row's data into TEXT."""
+    copy = tmp_path / "events.db"
+    backup_log(day_db, copy)
+    db = apsw.Connection(str(copy))
+    db.execute("DROP TRIGGER events_no_update")
+    db.execute("UPDATE events SET data = replace(data, 'job', 'jab') WHERE seq = 6")
+    assert db.execute("SELECT typeof(data) FROM events WHERE seq = 6").fetchone() == ("text",)
+    db.close()
+    for command in (["audit", "verify", "--db", str(copy)], ["replay", "--db", str(copy)]):
+        line = one_error_line(gpuyard(*command))
+        assert "seq 6" in line, command
+
+
 def test_cli_export_from_a_database_file_then_verify(day_db: Path, tmp_path: Path) -> None:
     out = tmp_path / "offline.csv"
     result = gpuyard("audit", "export", "--db", str(day_db), "--format", "csv", "-o", str(out))
