@@ -588,14 +588,22 @@ def users() -> None:
 @click.option("--level", type=click.Choice(["admin", "lead", "researcher", "viewer"]),
               required=True, help="What the user may do, and their jobs' base priority.")
 @click.option("--team", "team_id", default=None, help="Team, for per-team limits.")
+@click.option("--data-dir", "data_dir", default=None,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Write to this stopped server's log directly, as the local admin (the "
+                   "way back in when no admin can sign in); no server is contacted.")
 @FORMAT
 @click.pass_context
-def users_add(ctx: click.Context, name: str, level: str, team_id: str | None, fmt: str) -> None:
+def users_add(ctx: click.Context, name: str, level: str, team_id: str | None,
+              data_dir: Path | None, fmt: str) -> None:
     """Create a user; their token is shown this once."""
-    body: dict[str, Any] = {"name": name, "level": level}
-    if team_id:
-        body["team_id"] = team_id
-    answer = _api(ctx).post("/api/users", body)
+    if data_dir is not None:
+        answer = _add_user_offline(data_dir, name, level, team_id)
+    else:
+        body: dict[str, Any] = {"name": name, "level": level}
+        if team_id:
+            body["team_id"] = team_id
+        answer = _api(ctx).post("/api/users", body)
     if fmt == "json":
         _json(answer)
         return
@@ -603,6 +611,20 @@ def users_add(ctx: click.Context, name: str, level: str, team_id: str | None, fm
     click.echo(f"created user {answer.get('user_id')}: {answer.get('name')} "
                f"({answer.get('level')}{team})")
     click.echo(f"token (shown once, keep it): {answer.get('token')}")
+
+
+def _add_user_offline(data_dir: Path, name: str, level: str,
+                      team_id: str | None) -> dict[str, Any]:
+    from events.log import LogError
+    from service.commands import DomainError
+    from service.offline import OfflineError, add_user
+
+    try:
+        user_id, token_id, token = add_user(data_dir, name, level, team_id)
+    except (OfflineError, LogError, DomainError) as exc:
+        raise Failure(str(exc)) from None
+    return {"user_id": user_id, "name": name, "level": level, "team_id": team_id,
+            "token": token, "token_id": token_id}
 
 
 @users.command("list")

@@ -651,9 +651,6 @@ def _create_user(command: CreateUser, state: QueueState, actor: Actor) -> Outcom
     require_admin(actor, "managing users")
     level = _check_level(command.level)
     name = _check_name(state, command.name, None)
-    if not state.users and level != "admin":
-        raise InvalidRequest("the first user must be an admin: creating a user ends "
-                             "single-user mode, and someone must still be able to administer")
     user_id = max(state.users, default=0) + 1
     return Outcome(
         events=[

@@ -21,7 +21,7 @@ from service.commands import SYSTEM, ObserveInventory
 from service.configs import ConfigStore
 from service.engine import Engine
 
-__all__ = ["Runtime", "resolve_data_dir"]
+__all__ = ["Runtime", "resolve_data_dir", "lock_data_dir"]
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
@@ -47,7 +47,7 @@ class Runtime:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "configs").mkdir(exist_ok=True)
         self.runs_dir.mkdir(exist_ok=True)
-        self._lock = _lock_data_dir(self.data_dir)
+        self._lock = lock_data_dir(self.data_dir)
         self.log_path = self.data_dir / "events.db"
         try:
             self.event_log = EventLog(self.log_path)
@@ -95,7 +95,7 @@ class Runtime:
         self._lock = -1
 
 
-def _lock_data_dir(data_dir: Path) -> int:
+def lock_data_dir(data_dir: Path) -> int:
     """Hold ``<data-dir>/server.lock`` for this process: one server per data directory.
 
     Two servers on one log would both append and both launch jobs. The lock goes with

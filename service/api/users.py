@@ -1,7 +1,8 @@
 """Users and tokens (SPEC section 6), admin only (the local admin in single-user mode).
 
 A token is random, shown once in the answer that creates it, and stored only as its
-sha256. Creating the first user ends single-user mode; that user must be an admin.
+sha256. Creating the first user ends single-user mode (of any level, as SPEC section 7
+says; create an admin first, or come back in with ``gpuyard users add --data-dir``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def list_users(request: Request[Any, Any, Any], actor: CurrentActor) -> UserList
 async def create_user(request: Request[Any, Any, Any], actor: CurrentActor,
                       data: JSONBody[UserCreate]) -> UserCreated:
     """``{name, level, team_id?}``; the answer holds the user's first token, shown once.
-    The first user must be an admin: creating it ends single-user mode."""
+    Creating the first user ends single-user mode."""
     token = new_token()
     command = CreateUser(name=data.name, level=data.level, team_id=data.team_id,
                          token_id=new_token_id(), token_hash=token_hash(token))

@@ -40,12 +40,15 @@ async def test_single_user_mode_until_the_first_user_then_tokens(api) -> None:
     assert (await api.client.get("/schema/openapi.json")).status_code == 200
 
 
-async def test_the_first_user_must_be_an_admin(api) -> None:
+async def test_the_first_user_may_have_any_level_and_ends_single_user_mode(api) -> None:
     response = await api.post("/api/users", {"name": "bob", "level": "researcher"})
-    assert response.status_code == 422
-    assert "first user must be an admin" in response.json()["detail"]
-    assert api.state.users == {}
-    assert (await api.get("/api/queue/stats")).status_code == 200  # still single-user
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["user_id"], body["level"]) == (1, "researcher")
+    assert (await api.get("/api/queue/stats")).status_code == 401  # single-user mode is over
+    assert (await api.get("/api/queue/stats", body["token"])).status_code == 200
+    refused = await api.post("/api/users", {"name": "x", "level": "admin"}, body["token"])
+    assert refused.status_code == 403  # a researcher manages no users
 
 
 async def test_tokens_are_random_shown_once_and_stored_only_as_hashes(api, data_dir) -> None:
