@@ -394,14 +394,22 @@ def resolve_spec(command: Submit, state: QueueState) -> JobSpec:
             "cloud provider is configured")
         raise InvalidRequest(f"target {command.target!r} is not available: no {what} on this "
                              "server; use target 'local' or 'auto'")
-    device_ids = command.device_ids if command.device_ids is not None else config.device_ids
+    # The body's fields override the config's, and the body's own pair wins: its
+    # device_ids say how many GPUs (unless any_gpu), and the config's device_ids apply to
+    # the body's num_processes only when they name that many GPUs.
+    body_count, body_ids, exact = command.num_processes, command.device_ids, not command.any_gpu
+    device_ids = body_ids if body_ids is not None else config.device_ids
+    explicit = body_count if body_count is not None else config.num_processes
+    if body_count is None and body_ids is not None and exact:
+        explicit = None  # the body's device_ids say how many GPUs
+    elif body_count is not None and body_ids is None and exact and (
+            device_ids is not None and len(device_ids) != body_count):
+        device_ids = None  # the config's device_ids were for another count
     if device_ids is not None:
         if any(index < 0 for index in device_ids):
             raise InvalidRequest("device_ids must be GPU indices (0 or more)")
         if len(set(device_ids)) != len(device_ids):
             raise InvalidRequest(f"device_ids {device_ids} lists a GPU twice")
-    explicit = command.num_processes if command.num_processes is not None else (
-        config.num_processes)
     if explicit is None:
         need = len(device_ids) if device_ids and not command.any_gpu else 1
     else:

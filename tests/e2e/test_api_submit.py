@@ -151,7 +151,8 @@ async def test_a_generated_request_id_is_echoed_on_answers_and_errors(api) -> No
         ({"config_name": "nope"}, 404, "no config named 'nope'"),
         ({"config_name": "sleeper", "num_processes": 5}, 422, "never start"),
         ({"config_name": "sleeper", "device_ids": [7]}, 422, "not in the GPU inventory"),
-        ({"config_name": "sleeper", "device_ids": [0, 1]}, 422, "num_processes is 1"),
+        ({"config_name": "sleeper", "num_processes": 1, "device_ids": [0, 1]}, 422,
+         "num_processes is 1"),
         ({"config_name": "sleeper", "target": "worker"}, 422, "no remote worker"),
         ({"config_name": "sleeper", "target": "cloud"}, 422, "cloud provider"),
         ({"config_name": "sleeper", "target": "mars"}, 422, "target"),
@@ -233,3 +234,14 @@ async def test_an_invalid_config_file_is_422_naming_the_file(api, data_dir) -> N
     response = await api.submit("typo")
     assert response.status_code == 422
     assert "comand" in response.json()["detail"]
+
+
+async def test_the_body_may_override_either_gpu_field_of_the_config(api) -> None:
+    """The ``pair`` config runs on GPUs 0 and 1; a body may ask for one GPU, or for others."""
+    await api.post("/api/queue/concurrency", {"local_job_max_concurrent": 4})
+    one = await api.submit_ok("pair", num_processes=1)
+    assert (one["status"], one["allocated_gpus"]) == ("running", [0])
+    elsewhere = await api.submit_ok("pair", device_ids=[3])
+    assert (elsewhere["status"], elsewhere["allocated_gpus"]) == ("running", [3])
+    entry = (await api.get(f"/api/queue/{elsewhere['job_id']}")).json()
+    assert entry["num_processes"] == 1

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from scenario import ADMIN, ALICE, BOB, CAROL, DAVE, LEAD, VIEWER, World
+from scenario import ADMIN, ALICE, BOB, CAROL, DAVE, LEAD, VIEWER, World, config
 
 from events.types import Settings
-from service.commands import ChangeSettings, InvalidRequest, SetPriority
+from service.commands import ChangeSettings, InvalidRequest, SetPriority, Submit
 from service.scheduler import effective_priority, job_effective_priority
 
 HOUR = 3600.0
@@ -465,3 +465,50 @@ def test_submit_resolves_the_gpu_need(
     world.submit(ALICE, "j", now=1.0, **options)
     spec = world.state.jobs["j"].spec
     assert (spec.num_processes, spec.device_ids, spec.target) == (need, device_ids, "local")
+
+
+@pytest.mark.parametrize(
+    ("in_config", "in_body", "need", "device_ids"),
+    [
+        pytest.param({"num_processes": 2, "device_ids": [2, 3]}, {"num_processes": 1}, 1, None,
+                     id="body-count-drops-config-ids-naming-another-count"),
+        pytest.param({"num_processes": 2, "device_ids": [2, 3]}, {"num_processes": 2}, 2, (2, 3),
+                     id="body-count-keeps-config-ids-naming-that-count"),
+        pytest.param({"num_processes": 2, "device_ids": [2, 3]}, {"num_processes": 0}, 0, None,
+                     id="body-makes-it-cpu-only"),
+        pytest.param({"num_processes": 2}, {"device_ids": [1]}, 1, (1,),
+                     id="body-ids-say-how-many-gpus"),
+        pytest.param({"num_processes": 2, "device_ids": [2, 3]}, {"device_ids": [0, 1, 2]},
+                     3, (0, 1, 2), id="body-ids-replace-config-ids"),
+        pytest.param({"num_processes": 2}, {"device_ids": [1], "any_gpu": True}, 2, (1,),
+                     id="any-gpu-keeps-the-config-count"),
+        pytest.param({"num_processes": 1}, {"num_processes": 3, "device_ids": [0, 1, 2]},
+                     3, (0, 1, 2), id="body-pair-wins"),
+    ],
+)
+def test_the_submit_body_overrides_the_configs_gpu_fields(
+    in_config: dict[str, Any], in_body: dict[str, Any], need: int,
+    device_ids: tuple[int, ...] | None,
+) -> None:
+    world = World(4)
+    world.do(Submit(job_id="j", config_name="train", config=config(**in_config), **in_body),
+             ALICE, now=1.0)
+    spec = world.state.jobs["j"].spec
+    assert (spec.num_processes, spec.device_ids) == (need, device_ids)
+
+
+@pytest.mark.parametrize(
+    ("in_config", "in_body"),
+    [
+        pytest.param({"num_processes": 2, "device_ids": [2]}, {}, id="config-disagrees-itself"),
+        pytest.param({}, {"num_processes": 2, "device_ids": [0]}, id="body-disagrees-itself"),
+    ],
+)
+def test_a_count_and_device_ids_that_disagree_are_refused(
+    in_config: dict[str, Any], in_body: dict[str, Any]
+) -> None:
+    world = World(4)
+    with pytest.raises(InvalidRequest, match="as many device_ids as processes"):
+        world.do(Submit(job_id="j", config_name="train", config=config(**in_config), **in_body),
+                 ALICE, now=1.0)
+    assert "j" not in world.state.jobs
