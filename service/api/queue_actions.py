@@ -2,8 +2,8 @@
 
 The rules (permissions, states, limits) live in ``service.commands``; a route parses,
 calls ``engine.execute`` with the request id as correlation id, and shapes the answer.
-Cancelling a running job waits, up to the grace period and a margin, until the
-executor has stopped it, then answers the status it ended in.
+Cancelling a running job waits, up to ``CANCEL_ANSWER_SECONDS``, until the executor
+has stopped it, then answers the status it is in.
 """
 
 from __future__ import annotations
@@ -46,11 +46,15 @@ from service.commands import (
 )
 from service.engine import Engine
 
-__all__ = ["queue_router", "QUEUE_ACTIONS", "CANCEL_MARGIN_SECONDS"]
+__all__ = ["queue_router", "QUEUE_ACTIONS", "CANCEL_ANSWER_SECONDS"]
 
 log = structlog.get_logger("gpuyard.api")
 
-CANCEL_MARGIN_SECONDS = 5.0
+# How long a cancel's answer waits for running jobs to stop. Most stop at SIGTERM within
+# milliseconds and are answered `cancelled`; one that ignores it is answered `running`
+# (its SIGKILL follows after cancel_grace_seconds) rather than holding the request past
+# a client's usual timeout (httpx's default is 5 s).
+CANCEL_ANSWER_SECONDS = 3.0
 _JOB_ERRORS = error_responses(401, 403, 404, 409, 503)
 
 
@@ -61,8 +65,7 @@ async def _wait_until_stopped(engine: Engine, job_ids: list[str]) -> None:
         return all(job_id not in jobs or jobs[job_id].status != "running" for job_id in job_ids)
 
     if not stopped(engine.state):
-        grace = engine.state.settings.cancel_grace_seconds
-        await engine.wait_for(stopped, grace + CANCEL_MARGIN_SECONDS)
+        await engine.wait_for(stopped, CANCEL_ANSWER_SECONDS)
 
 
 def _status(engine: Engine, job_id: str) -> JobStatusResponse:
@@ -73,8 +76,8 @@ def _status(engine: Engine, job_id: str) -> JobStatusResponse:
 async def cancel(request: Request[Any, Any, Any], actor: CurrentActor,
                  job_id: FromPath[str]) -> JobStatusResponse:
     """Pending or blocked: cancelled now. Running: SIGTERM to its process group, SIGKILL
-    after ``cancel_grace_seconds``; the answer comes once it has stopped (or, if that
-    takes longer than the grace period and a margin, says ``running``)."""
+    after ``cancel_grace_seconds``, then cancelled; the answer comes once it has stopped,
+    or after 3 s with status ``running`` if it has not (it is cancelled when it stops)."""
     engine = engine_of(request)
     await engine.execute(Cancel(job_ids=(job_id,)), actor, request_id_of(request))
     await _wait_until_stopped(engine, [job_id])

@@ -23,6 +23,10 @@ CONFIGS = {
     "cpu": 'command = ["sleep", "60"]\nnum_processes = 0\n',
     "pair": 'command = ["sleep", "60"]\nnum_processes = 2\ndevice_ids = [0, 1]\n',
     "costly": 'command = ["sleep", "60"]\nestimated_cost = 100.0\n',
+    # ignores SIGTERM (an ignored signal stays ignored across exec): only SIGKILL stops it;
+    # it writes `ready` in its run directory once it does
+    "stubborn": ('command = ["sh", "-c", "trap \'\' TERM; touch ready; sleep 60"]\n'
+                 'num_processes = 0\n'),
 }
 
 

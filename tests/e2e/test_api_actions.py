@@ -43,6 +43,25 @@ async def test_cancel_pending_running_and_finished(api) -> None:
     assert (await api.post("/api/queue/nosuchjob/cancel")).status_code == 404
 
 
+async def test_cancelling_a_job_that_ignores_sigterm_answers_running_before_its_sigkill(
+    api,
+) -> None:
+    """The answer does not wait out the grace period: the job is still running (its
+    SIGKILL is due after cancel_grace_seconds) and says so; it is cancelled later."""
+    await api.post("/api/queue/concurrency", {"cancel_grace_seconds": 600.0})
+    job_id = (await api.submit_ok("stubborn"))["job_id"]
+    ready = api.runtime.runs_dir / job_id / "ready"
+    deadline = time.monotonic() + 30.0
+    while not ready.exists():  # its trap is set: SIGTERM no longer stops it
+        assert time.monotonic() < deadline, "the stubborn job never got ready"
+        await anyio.sleep(0.02)
+    response = await api.post(f"/api/queue/{job_id}/cancel")
+    assert response.status_code == 200
+    assert response.json() == {"success": True, "job_id": job_id, "status": "running"}
+    job = api.state.jobs[job_id]
+    assert (job.status, job.cancel_requested) == ("running", True)
+
+
 async def test_cancelling_starts_the_next_job(api) -> None:
     running = await api.submit_ok("sleeper")
     waiting = await api.submit_ok("sleeper")
