@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from service.commands import InvalidRequest
 
@@ -35,7 +36,9 @@ async def check_body_types(request: Request[Any, Any, Any]) -> None:
         return None
     try:
         body = await request.body()
-    except Exception:  # too large, or the client went away: Litestar's own parsing answers
+    except RequestEntityTooLarge:
+        raise  # also a chunked body, which announced no length: its 413 is the answer
+    except Exception:  # the client went away: Litestar's own parsing answers
         return None
     if not body:  # no body at all: the handler's own parsing answers 400
         return None

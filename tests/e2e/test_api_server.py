@@ -241,3 +241,20 @@ def test_sigterm_closes_the_log_so_events_db_alone_holds_every_event(tmp_path) -
         assert log.verify() == log.last_seq
     finally:
         log.close()
+
+
+def test_a_chunked_body_over_1_mib_is_413_too(server) -> None:
+    """Without a Content-Length, the limit is found while the body streams in: still 413
+    (it was a 400 "malformed JSON"), and nothing is written."""
+    body = json.dumps({"config_name": "cpu", "metadata": {"blob": "x" * (1024 * 1024)}}).encode()
+
+    def chunks():  # an iterator: httpx sends it chunked, announcing no length
+        for start in range(0, len(body), 65536):
+            yield body[start:start + 65536]
+
+    response = httpx.post(f"{server.url}/api/queue/submit", content=chunks(),
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413, response.text
+    assert "1 MiB" in response.json()["detail"]
+    assert httpx.get(f"{server.url}/api/queue/stats").json()["queue_depth"] == 0
