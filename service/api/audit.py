@@ -42,7 +42,7 @@ __all__ = ["audit_router", "parse_time", "ExportFilter"]
 
 CHUNK_ROWS = 500
 JSONL = "application/x-ndjson"
-CSV = "text/csv; charset=utf-8"
+CSV = "text/csv"  # Litestar adds "; charset=utf-8" to text/* types
 
 
 def parse_time(name: str, text: str | None) -> float | None:

@@ -31,7 +31,7 @@ from service.gpus import gpu_usage
 
 __all__ = ["inventory_summary", "memory_percent", "system_router"]
 
-TEXT = "text/plain; charset=utf-8"
+TEXT = "text/plain"  # Litestar adds "; charset=utf-8" to text/* types
 CHUNK = 64 * 1024
 MAX_TAIL = 10_000_000
 MAX_OFFSET = 2**62

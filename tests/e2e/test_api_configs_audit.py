@@ -24,7 +24,7 @@ pytestmark = pytest.mark.anyio
 async def test_list_and_read_configs(api, data_dir) -> None:
     (data_dir / "configs" / "broken.toml").write_text("command = 3\n")
     listing = (await api.get("/api/configs")).json()
-    assert [c["name"] for c in listing["configs"]] == ["costly", "cpu", "pair", "sleeper"]
+    assert [c["name"] for c in listing["configs"]] == ["costly", "cpu", "pair", "sleeper", "stubborn"]
     assert [bad["name"] for bad in listing["invalid"]] == ["broken"]
     assert "broken.toml" in listing["invalid"][0]["error"]
     pair = (await api.get("/api/configs/pair")).json()
@@ -132,7 +132,7 @@ async def test_audit_export_jsonl_every_event_and_a_chain_that_verifies(api) -> 
 async def test_audit_export_csv(api) -> None:
     await api.submit_ok("cpu")
     response = await api.get("/api/audit/export", format="csv")
-    assert response.headers["content-type"].startswith("text/csv")
+    assert response.headers["content-type"] == "text/csv; charset=utf-8"
     rows = list(csv.DictReader(io.StringIO(response.text)))
     assert list(rows[0]) == ["seq", "at", "type", "actor", "correlation_id", "causation_id",
                              "data", "hash"]

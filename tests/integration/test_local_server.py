@@ -107,7 +107,7 @@ def test_system_status_and_logs(server: ServerProcess, jobs: Jobs) -> None:
     assert "gpu_allocation" not in plain
 
     logs = admin.ok("GET", f"/api/queue/{job_id}/logs")
-    assert logs.headers["content-type"].startswith("text/plain")
+    assert logs.headers["content-type"] == "text/plain; charset=utf-8"
     assert logs.text == f"job {job_id} running on {seen['CUDA_VISIBLE_DEVICES']}\n"
     jobs.release(job_id)
     eventually(lambda: admin.status_of(job_id, "completed"), "the job completed")
