@@ -57,6 +57,13 @@ def gpu_allocation(state: QueueState) -> dict[str, Any]:
     }
 
 
+def by_status(state: QueueState) -> dict[str, int]:
+    """Jobs per status: ``pending`` and ``running`` always (the seed's example), others when any."""
+    counts = state.status_counts
+    return {status: n for status in STATUSES
+            if (n := counts[status]) or status in ("pending", "running")}
+
+
 def stats(state: QueueState, now: float) -> dict[str, Any]:
     """``GET /api/queue/stats`` in the seed's shape; counts cover all targets."""
     s = state.settings
@@ -70,7 +77,7 @@ def stats(state: QueueState, now: float) -> dict[str, Any]:
         "team_max_concurrent": s.team_max_concurrent,
         "enable_fair_share": s.enable_fair_share,
         "avg_wait_seconds": avg_wait_seconds(state, now),
-        "by_status": {status: n for status in STATUSES if (n := state.status_counts[status])},
+        "by_status": by_status(state),
         "by_user": {str(user): n for user, n in sorted(state.user_active.items())},
         "local_gpu_max_concurrent": s.local_gpu_max_concurrent,
         "local_job_max_concurrent": s.local_job_max_concurrent,
