@@ -24,7 +24,11 @@ log = structlog.get_logger("gpuyard.api")
 
 
 def _config_out(name: str, spec: ConfigSpec) -> ConfigOut:
-    return ConfigOut(name=name, command=list(spec.command), num_processes=spec.num_processes,
+    if spec.num_processes is not None:
+        count = spec.num_processes
+    else:  # SPEC section 2: device_ids name the GPUs, else the default of 1
+        count = len(spec.device_ids) if spec.device_ids else 1
+    return ConfigOut(name=name, command=list(spec.command), num_processes=count,
                      device_ids=None if spec.device_ids is None else list(spec.device_ids),
                      env=dict(spec.env), working_dir=spec.working_dir,
                      estimated_cost=spec.estimated_cost)

@@ -54,7 +54,7 @@ def queue_entry(job: JobEntry, state: QueueState, now: float, position: int | No
         queued_at=to_datetime(job.queued_at),
         started_at=_maybe_datetime(job.started_at),
         completed_at=_maybe_datetime(job.completed_at),
-        estimated_cost=spec.estimated_cost,
+        estimated_cost=spec.estimated_cost or 0.0,  # the seed schema's default
         requires_approval=job.requires_approval,
         attempt=job.attempt,
         max_attempts=job.max_attempts,

@@ -103,7 +103,7 @@ class QueueEntry(Struct, kw_only=True):
     queued_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
-    estimated_cost: float | None
+    estimated_cost: float
     requires_approval: bool
     attempt: int
     max_attempts: int
@@ -338,7 +338,7 @@ class ConfigBody(Struct, kw_only=True, forbid_unknown_fields=True):
 class ConfigOut(Struct, kw_only=True):
     name: str
     command: list[str]
-    num_processes: int | None
+    num_processes: int
     device_ids: list[int] | None
     env: dict[str, str]
     working_dir: str | None

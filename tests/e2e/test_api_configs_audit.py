@@ -48,7 +48,12 @@ async def test_put_writes_toml_that_reads_back_and_submits(api, data_dir) -> Non
     job = await api.submit_ok("train-v2")
     assert api.state.jobs[job["job_id"]].spec.device_ids == (2, 3)
     replaced = await api.client.put("/api/configs/train-v2", json={"command": ["true"]})
-    assert replaced.json()["num_processes"] is None
+    assert replaced.json()["num_processes"] == 1  # the default, shown as what it resolves to
+    ids_only = await api.client.put("/api/configs/ids-only", json={"command": ["true"],
+                                                                   "device_ids": [1, 3]})
+    assert ids_only.json()["num_processes"] == 2  # as many as device_ids names
+    on_disk = tomllib.loads((data_dir / "configs" / "ids-only.toml").read_text())
+    assert "num_processes" not in on_disk  # the file keeps what was given
     assert (await api.get("/api/configs/train-v2")).json()["command"] == ["true"]
 
 

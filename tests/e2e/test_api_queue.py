@@ -63,6 +63,7 @@ async def test_entries_have_every_field_with_utc_iso_times(api) -> None:
     assert running["status"] == "running" and running["started_at"].endswith("Z")
     assert running["allocated_gpus"] == [] and running["job_type"] == "local"
     assert running["num_processes"] == 0 and running["attempt"] == 1
+    assert running["estimated_cost"] == 0.0  # not given: the seed schema's default
     assert running["max_attempts"] == 3 and running["user_id"] == api.user_ids["researcher"]
     assert entries[jobs["r1"]]["metadata"] == {"run_name": "r1"}
     assert entries[jobs["r1"]]["allocated_gpus"] is None
