@@ -74,6 +74,8 @@ from service.engine import Engine
 from service.logging import configure_logging
 
 DEFAULT_DIR = ROOT / "ops" / "out"
+# the event loop `gpuyard serve` runs the engine on (uvicorn's "auto" picks uvloop)
+SERVER_LOOP = {"use_uvloop": True}
 REPLAY_EVENTS = 1_000_000
 REPLAY_LOG_VERSION = 3  # bump when the generator changes, so an old file is not reused
 
@@ -423,7 +425,7 @@ def bench_append(args: argparse.Namespace) -> dict[str, object]:
 
     fsync_ms = commit_latency_ms(args.dir)
     gc.collect()
-    elapsed, cpu, events = anyio.run(main)
+    elapsed, cpu, events = anyio.run(main, backend_options=SERVER_LOOP)
     cleanup(log)
     return {
         "bench": "append", "submitters": submitters, "submits": submitters * per_submitter,
@@ -537,7 +539,7 @@ def run_drain(
             return elapsed
 
     gc.collect()
-    total, cpu = anyio.run(main)
+    total, cpu = anyio.run(main, backend_options=SERVER_LOOP)
     events = engine.state.last_seq
     cleanup(log)
     return {
