@@ -31,7 +31,11 @@ No starvation by backfill: the first local job in the pass that waits for GPUs r
 them. Jobs after it may start only on GPUs outside its ``device_ids``; if it has no
 ``device_ids`` (or ``any_gpu``), no later local job starts in this pass
 (``reserved_for_higher_priority``), CPU-only ones (``num_processes = 0``) included: they
-take no GPU, but they take the local job slots the waiting job will need.
+take no GPU, but they take the local job slots the waiting job will need. A job held by
+``local_gpu_max_concurrent`` waits for GPUs too (for allocated ones to be released): it
+reserves every GPU, whatever its ``device_ids``, since a GPU taken on any device spends
+the budget it waits for. A job that needs more GPUs than a lowered limit allows reserves
+nothing, like one the inventory can no longer hold.
 
 A pass visits the jobs it can start and the heads of held users, not the whole queue:
 a user (or team) at its limit stays at it for the rest of the pass, so the walk stops
@@ -268,6 +272,10 @@ class _Pass:
         if outgrown is not None:  # the inventory shrank after submission: wait, reserve nothing
             return Placement(False, reason=Reason("gpu_inventory", outgrown))
         limit = s.local_gpu_max_concurrent
+        if limit is not None and need > limit:  # lowered after submission: wait, reserve nothing
+            return Placement(False, reason=Reason(
+                "local_gpu_limit", f"it needs {need} GPUs and local_gpu_max_concurrent is now "
+                f"{limit}; it waits until the limit is raised"))
         if limit is not None and self.allocated + need > limit:
             return Placement(False, reason=Reason(
                 "local_gpu_limit", f"{self.allocated} GPUs are allocated and this job needs "
@@ -332,12 +340,20 @@ class _Pass:
             self.stopped = True
         elif code == "local_job_limit":
             self.local_blocked = True
-        elif code == "gpus_busy" and self.reserved == set():
-            spec = job.spec
-            if spec.device_ids and not spec.any_gpu:
-                self.reserved = set(spec.device_ids)
-            else:
-                self.reserved = _ALL_GPUS
+        elif code in ("gpus_busy", "local_gpu_limit") and self.reserved == set():
+            self.reserved = self._reservation(job, code)
+
+    def _reservation(self, job: JobEntry, code: str) -> set[int] | None:
+        """What the first local job that waits for GPUs holds back from the jobs after it."""
+        spec = job.spec
+        if code == "local_gpu_limit":
+            # it waits for allocated GPUs to be released: a GPU anyone else took, on any
+            # device, would put it further off; one that can never fit holds nothing
+            limit = self.settings.local_gpu_max_concurrent
+            return _ALL_GPUS if limit is not None and spec.num_processes <= limit else set()
+        if spec.device_ids and not spec.any_gpu:
+            return set(spec.device_ids)
+        return _ALL_GPUS
 
     def level_is_dead(self, level: StreamLevel) -> bool:
         """No job of this level can start for the rest of the pass."""

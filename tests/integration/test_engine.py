@@ -393,6 +393,8 @@ def reference_pass(state: QueueState, now: float) -> PassPlan:
         if is_local and need:
             limit = s.local_gpu_max_concurrent
             if limit is not None and allocated + need > limit:
+                if reservation is None and need <= limit:  # waits for GPUs to be released
+                    reservation = Reservation(job, ALL_GPUS)
                 continue
             if pick_gpus(job, free) is None:  # waits for GPUs: the first such job reserves
                 if reservation is None:

@@ -14,7 +14,7 @@ from scenario import ADMIN, ALICE, BOB, CAROL, DAVE, LEAD, VIEWER, World, config
 
 from events.types import Settings
 from service.commands import ChangeSettings, InvalidRequest, SetPriority, Submit
-from service.scheduler import effective_priority, job_effective_priority
+from service.scheduler import effective_priority, explain, job_effective_priority
 
 HOUR = 3600.0
 
@@ -229,9 +229,9 @@ PASS_CASES: list[Any] = [
         "inventory": 4, "settings": {"local_job_max_concurrent": 10, "local_gpu_max_concurrent": 3},
         "submit": [job(ALICE, "a1", num_processes=2), job(BOB, "b1", num_processes=2),
                 job(CAROL, "c1", num_processes=1)],
-        "starts": ["a1", "c1"], "gpus": {"a1": (0, 1), "c1": (2,)},
-        "held": {"b1": "local_gpu_limit"},
-    }, id="local-gpu-limit-is-allocated-plus-need-and-does-not-reserve"),
+        "starts": ["a1"], "gpus": {"a1": (0, 1)},
+        "held": {"b1": "local_gpu_limit", "c1": "reserved_for_higher_priority"},
+    }, id="local-gpu-limit-is-allocated-plus-need-and-b1-waiting-on-it-reserves"),
     pytest.param({
         "inventory": 4, "settings": {"local_job_max_concurrent": 10, "user_max_concurrent": 4},
         "submit": [job(ALICE, f"a{i}", num_processes=1) for i in range(4)],
@@ -316,8 +316,16 @@ PASS_CASES: list[Any] = [
         "inventory": 4, "settings": {"local_job_max_concurrent": 10, "local_gpu_max_concurrent": 3},
         "running": [job(DAVE, "x", device_ids=[0])],
         "submit": [job(LEAD, "h", num_processes=3), job(ALICE, "l", num_processes=1)],
-        "starts": ["l"], "gpus": {"l": (1,)}, "held": {"h": "local_gpu_limit"},
-    }, id="a-job-held-by-the-gpu-limit-reserves-nothing"),
+        "starts": [], "held": {"h": "local_gpu_limit", "l": "reserved_for_higher_priority"},
+    }, id="a-job-held-by-the-gpu-limit-reserves-every-gpu"),
+    pytest.param({
+        "inventory": 4, "settings": {"local_job_max_concurrent": 10, "local_gpu_max_concurrent": 3},
+        "running": [job(DAVE, "x", device_ids=[0])],
+        "submit": [job(LEAD, "h", device_ids=[1, 2, 3]), job(ALICE, "l", device_ids=[1]),
+                job(BOB, "cpu", num_processes=0)],
+        "starts": [], "held": {"h": "local_gpu_limit", "l": "reserved_for_higher_priority",
+                               "cpu": "reserved_for_higher_priority"},
+    }, id="gpu-limit-reservation-holds-every-gpu-whatever-its-device-ids"),
 ]
 
 
@@ -369,6 +377,27 @@ def test_a_reservation_holds_for_the_rest_of_its_pass() -> None:
     assert world.reason("alice-1gpu", 0.0) == "ready"
     assert world.schedule(0.0) == ["alice-1gpu"]
     assert world.gpus_of("alice-1gpu") == (2,)
+
+
+def test_a_job_over_a_lowered_gpu_limit_waits_and_reserves_nothing() -> None:
+    """The limit was lowered below what a waiting job needs: it waits for the limit to be
+    raised, and holds nobody back meanwhile (it would hold them forever)."""
+    world = World(4, local_job_max_concurrent=10, user_max_concurrent=4)
+    world.submit(DAVE, "x", now=0.0, device_ids=[0])
+    assert world.schedule(0.0) == ["x"]
+    world.submit(LEAD, "big", now=0.0, num_processes=4)
+    assert world.schedule(0.0) == []
+    assert world.reason("big", 0.0) == "gpus_busy"
+    world.do(ChangeSettings({"local_gpu_max_concurrent": 3}), now=1.0)
+    world.submit(ALICE, "small", now=2.0, num_processes=1)
+    assert world.schedule(3.0) == ["small"]
+    assert world.reason("big", 3.0) == "local_gpu_limit"
+    assert "until the limit is raised" in explain(world.state, "big", 3.0).reasons[0].detail
+    world.do(ChangeSettings({"local_gpu_max_concurrent": None}), now=4.0)
+    world.submit(ALICE, "later", now=5.0, num_processes=1)
+    assert world.schedule(6.0) == []  # big waits for free GPUs again, and reserves them
+    assert world.reason("later", 6.0) == "reserved_for_higher_priority"
+    world.assert_replay_equal()
 
 
 def test_seed_fair_share_example() -> None:
