@@ -320,18 +320,20 @@ def jobs_cancel(ctx: click.Context, job_ids: tuple[str, ...], all_jobs: bool, ye
     if all_jobs:
         if not yes and sys.stdin.isatty() and sys.stdout.isatty():
             click.confirm("cancel every unfinished job you may cancel?", abort=True)
-        answer = api.post("/api/queue/cancel", {"all": True})
-        cancelled = answer.get("cancelled", [])
-        click.echo(f"cancelled {len(cancelled)} jobs" + (f": {', '.join(cancelled)}"
-                                                         if cancelled else ""))
+        _echo_cancelled(api.post("/api/queue/cancel", {"all": True}).get("cancelled", []))
         return
     if len(job_ids) == 1:
         answer = api.post(f"/api/queue/{job_ids[0]}/cancel")
         click.echo(_cancel_line(job_ids[0], answer.get("status")))
         return
     answer = api.post("/api/queue/cancel", {"job_ids": list(job_ids)})
-    for job_id in answer.get("cancelled", []):
-        click.echo(f"job {job_id}: cancel requested")
+    _echo_cancelled(answer.get("cancelled", []))
+
+
+def _echo_cancelled(cancelled: list[str]) -> None:
+    """A bulk cancel's answer: running ones among them stop after SIGTERM (or SIGKILL)."""
+    click.echo(f"cancelled {len(cancelled)} jobs" + (f": {', '.join(cancelled)}"
+                                                     if cancelled else ""))
 
 
 @jobs.command("status")
@@ -486,8 +488,9 @@ def jobs_priority(ctx: click.Context, job_id: str, priority: str) -> None:
     answer = _api(ctx).post(f"/api/queue/{job_id}/priority", {"priority": value})
     position = answer.get("position")
     where = f", position {position}" if position else ""
+    override = answer.get("priority_override", value)
     click.echo(f"job {job_id}: priority {answer.get('effective_priority')}"
-               f" (override {answer.get('priority_override', value)}){where}")
+               f" ({'no override' if override is None else f'override {override}'}){where}")
 
 
 # ---------------------------------------------------------------- queue

@@ -171,6 +171,7 @@ def test_cancel_several_and_cancel_all(cli, server) -> None:
     third = _job_id(cli("jobs", "submit", "quick", "--format", "json"))
     several = cli("jobs", "cancel", first, second)
     assert several.returncode == 0, several.stderr
+    assert several.stdout.strip() == f"cancelled 2 jobs: {first}, {second}"
     assert {_status(server, first), _status(server, second)} == {"cancelled"}
     everything = cli("jobs", "cancel", "--all")
     assert everything.returncode == 0, everything.stderr
@@ -201,8 +202,11 @@ def test_approve_reject_and_priority(cli, server) -> None:
     assert _status(server, blocked_id) == "pending"
     bumped = cli("jobs", "priority", blocked_id, "55")
     assert bumped.returncode == 0, bumped.stderr
-    assert "priority 55" in bumped.stdout
+    assert "priority 55 (override 55)" in bumped.stdout
     assert httpx.get(f"{server.url}/api/queue/{blocked_id}").json()["priority_override"] == 55
+    cleared = cli("jobs", "priority", blocked_id, "none")
+    assert cleared.returncode == 0, cleared.stderr
+    assert "(no override)" in cleared.stdout
     assert "invalid (422)" in one_error_line(cli("jobs", "priority", blocked_id, "500"))
     assert "conflict (409)" in one_error_line(cli("jobs", "approve", blocked_id))
 
