@@ -106,9 +106,15 @@ class JobStarted(Event, tag="job.started", kw_only=True):
     process_start_time: int
 
 
+# ``ended_at`` on the three ends of a run: when its process really ended, where that was
+# learned later than it happened (it ended while the server was down). None: at the
+# event's own ``at``.
+
+
 class JobCompleted(Event, tag="job.completed", kw_only=True):
     job_id: str
     exit_code: int = 0
+    ended_at: float | None = None
 
 
 class JobFailed(Event, tag="job.failed", kw_only=True):
@@ -118,6 +124,7 @@ class JobFailed(Event, tag="job.failed", kw_only=True):
     error: str
     exit_code: int | None = None
     retryable: bool = False
+    ended_at: float | None = None
 
 
 class JobRequeued(Event, tag="job.requeued", kw_only=True):
@@ -132,6 +139,7 @@ class JobCancelRequested(Event, tag="job.cancel_requested", kw_only=True):
 
 class JobCancelled(Event, tag="job.cancelled", kw_only=True):
     job_id: str
+    ended_at: float | None = None
 
 
 class SettingsChanged(Event, tag="queue.settings_changed", kw_only=True):

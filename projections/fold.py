@@ -284,24 +284,34 @@ def _started(state: QueueState, event: JobStarted, seq: int, at: float) -> None:
     job.process_start_time = event.process_start_time
 
 
-def _finish(job: JobEntry, state: QueueState, status: Status, at: float) -> None:
+def _finish(
+    job: JobEntry, state: QueueState, status: Status, at: float, ended_at: float | None = None
+) -> None:
+    """The job leaves the queue at ``at``; a run that really ended earlier, ``ended_at``
+    (learned after a restart), ended then, though never before it started."""
+    end = at
     if job.status == "running":  # a run ended: its length joins the history
-        state.run_end_at.append(at)  # `at` never runs backwards: the list stays sorted
+        started = job.started_at if job.started_at is not None else at
+        if ended_at is not None:
+            end = min(max(ended_at, started), at)
+        # kept in the order the ends were learned (`at` never runs backwards), so the
+        # list stays sorted; the length is the true one
+        state.run_end_at.append(at)
         sums = state.run_sums
-        sums.append(sums[-1] + (at - (job.started_at or at)))
+        sums.append(sums[-1] + (end - started))
     job.status = status
-    job.completed_at = at
+    job.completed_at = end
 
 
 def _completed(state: QueueState, event: JobCompleted, seq: int, at: float) -> None:
     job = state.jobs[event.job_id]
-    _finish(job, state, "completed", at)
+    _finish(job, state, "completed", at, event.ended_at)
     job.exit_code = event.exit_code
 
 
 def _failed(state: QueueState, event: JobFailed, seq: int, at: float) -> None:
     job = state.jobs[event.job_id]
-    _finish(job, state, "failed", at)
+    _finish(job, state, "failed", at, event.ended_at)
     job.exit_code = event.exit_code
     job.error_message = event.error
 
@@ -325,7 +335,7 @@ def _cancel_requested(state: QueueState, event: JobCancelRequested, seq: int, at
 
 
 def _cancelled(state: QueueState, event: JobCancelled, seq: int, at: float) -> None:
-    _finish(state.jobs[event.job_id], state, "cancelled", at)
+    _finish(state.jobs[event.job_id], state, "cancelled", at, event.ended_at)
 
 
 def _approved(state: QueueState, event: JobApproved, seq: int, at: float) -> None:

@@ -259,8 +259,12 @@ class ReportStarted(Struct, frozen=True, kw_only=True):
 
 
 class ReportExited(Struct, frozen=True, kw_only=True):
+    """``ended_at``: when the process ended, where that is known to be earlier than now
+    (it ended while the server was down)."""
+
     job_id: str
     exit_code: int
+    ended_at: float | None = None
 
 
 class ReportFailed(Struct, frozen=True, kw_only=True):
@@ -269,6 +273,7 @@ class ReportFailed(Struct, frozen=True, kw_only=True):
     job_id: str
     error: str
     retryable: bool
+    ended_at: float | None = None  # as for ReportExited
 
 
 class ReportCancelled(Struct, frozen=True, kw_only=True):
@@ -697,15 +702,17 @@ def _exited(command: ReportExited, state: QueueState) -> Outcome:
     job = state.jobs.get(command.job_id)
     if job is None or job.status != "running":
         return Outcome()
+    ended_at = command.ended_at
     if job.cancel_requested:
-        return Outcome(events=[JobCancelled(job_id=job.job_id)])
+        return Outcome(events=[JobCancelled(job_id=job.job_id, ended_at=ended_at)])
     if command.exit_code == 0:
-        return Outcome(events=[JobCompleted(job_id=job.job_id, exit_code=0)])
+        return Outcome(events=[JobCompleted(job_id=job.job_id, exit_code=0, ended_at=ended_at)])
     error = f"the command exited with code {command.exit_code}"
     if command.exit_code < 0:
         error = f"the command was killed by signal {-command.exit_code}"
     return Outcome(events=[JobFailed(
-        job_id=job.job_id, error=error, exit_code=command.exit_code, retryable=False
+        job_id=job.job_id, error=error, exit_code=command.exit_code, retryable=False,
+        ended_at=ended_at,
     )])
 
 
@@ -715,11 +722,12 @@ def _failed(command: ReportFailed, state: QueueState) -> Outcome:
     if job is None or job.status != "running":
         return Outcome()
     if job.cancel_requested:
-        return Outcome(events=[JobCancelled(job_id=job.job_id)])
+        return Outcome(events=[JobCancelled(job_id=job.job_id, ended_at=command.ended_at)])
     retry = command.retryable and job.attempt < job.max_attempts
-    events: list[AnyEvent] = [
-        JobFailed(job_id=job.job_id, error=command.error, exit_code=None, retryable=retry)
-    ]
+    events: list[AnyEvent] = [JobFailed(
+        job_id=job.job_id, error=command.error, exit_code=None, retryable=retry,
+        ended_at=command.ended_at,
+    )]
     if retry:
         events.append(JobRequeued(job_id=job.job_id, attempt=job.attempt + 1, reason=command.error))
     return Outcome(events=events)

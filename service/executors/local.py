@@ -58,7 +58,7 @@ from service.commands import (
 from service.engine import Engine, EngineUnavailable
 from service.executors.launch import job_environment, launch_problem, wrapper_argv
 from service.executors.procfs import boot_id, is_running, process_start_time
-from service.executors.run_files import LaunchRecord, RunFiles
+from service.executors.run_files import ExitRecord, LaunchRecord, RunFiles
 from service.executors.wrapper import signal_job
 
 __all__ = ["LocalExecutor"]
@@ -203,7 +203,8 @@ class LocalExecutor:
         if record is not None:
             log.info("job_ended_while_down", job_id=job.job_id, exit_code=record.exit_code,
                      error=record.error)
-            await self._report(_report_for(job.job_id, record.exit_code, record.error))
+            # it ended before this server learned it: the record says when
+            await self._report(_report_for(job.job_id, record, ended_at=record.ended_at))
             return
         if job.pid is None and launch is None:
             why = "it was dispatched but never started: the server stopped before launching it"
@@ -319,7 +320,7 @@ class LocalExecutor:
         else:
             log.info("job_exited", job_id=run.job_id, exit_code=record.exit_code,
                      error=record.error)
-            await self._report(_report_for(run.job_id, record.exit_code, record.error))
+            await self._report(_report_for(run.job_id, record))
 
     async def _wait_for_exit(self, run: _Run) -> None:
         assert run.pid is not None and run.start_time is not None
@@ -402,13 +403,14 @@ def _is_local(job: JobEntry) -> bool:
     return job.spec.target == "local" and job.worker_id is None
 
 
-def _report_for(job_id: str, exit_code: int | None, error: str | None) -> Command:
+def _report_for(job_id: str, record: ExitRecord, ended_at: float | None = None) -> Command:
     """An exit code is the job's answer (never retried); a command the wrapper could not
-    start is a launch error, retried like any infrastructure failure."""
-    if error is not None or exit_code is None:
-        return ReportFailed(job_id=job_id, error=error or "the command could not start",
-                            retryable=True)
-    return ReportExited(job_id=job_id, exit_code=exit_code)
+    start is a launch error, retried like any infrastructure failure. ``ended_at`` only
+    where the end was learned late: a live exit is recorded as it is learned."""
+    if record.error is not None or record.exit_code is None:
+        return ReportFailed(job_id=job_id, error=record.error or "the command could not start",
+                            retryable=True, ended_at=ended_at)
+    return ReportExited(job_id=job_id, exit_code=record.exit_code, ended_at=ended_at)
 
 
 def _group_exists(pgid: int) -> bool:

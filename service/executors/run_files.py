@@ -4,7 +4,7 @@
 - ``launch.json``: written by the wrapper as it starts: ``attempt``, ``pid``,
   ``start_time`` and ``boot_id``;
 - ``exit_code``: written atomically by the wrapper when the command ends: ``attempt`` and
-  ``exit_code``, or ``error`` when the command could not start.
+  ``exit_code``, or ``error`` when the command could not start, and ``ended_at``.
 
 Every record carries its attempt: a record left by an earlier attempt is never read as the
 current one's.
@@ -13,6 +13,7 @@ current one's.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from msgspec import Struct
@@ -31,6 +32,7 @@ class ExitRecord(Struct, frozen=True, kw_only=True):
     attempt: int
     exit_code: int | None = None
     error: str | None = None
+    ended_at: float | None = None  # epoch seconds; None in a record without it
 
 
 def _read_json(path: Path) -> dict[str, object] | None:
@@ -71,11 +73,14 @@ class RunFiles:
         raw = _read_json(self.exit)
         if raw is None or raw.get("attempt") != attempt:
             return None
-        code, error = raw.get("exit_code"), raw.get("error")
+        code, error, ended_at = raw.get("exit_code"), raw.get("error"), raw.get("ended_at")
+        if not (isinstance(ended_at, (int, float)) and not isinstance(ended_at, bool)
+                and math.isfinite(ended_at)):
+            ended_at = None
         if isinstance(error, str):
-            return ExitRecord(attempt=attempt, error=error)
+            return ExitRecord(attempt=attempt, error=error, ended_at=ended_at)
         if isinstance(code, int) and not isinstance(code, bool):
-            return ExitRecord(attempt=attempt, exit_code=code)
+            return ExitRecord(attempt=attempt, exit_code=code, ended_at=ended_at)
         return None
 
     def note(self, line: str) -> None:

@@ -13,8 +13,8 @@ it works whatever the job's environment or the server's state.
    the command and everything it spawned.
 3. When the command ends, writes ``DIR/exit_code`` atomically (``attempt`` and
    ``exit_code``: negative N means killed by signal N), or ``error`` when the command could
-   not start (missing binary, bad working directory); this happens even when the server is
-   gone. Then it SIGKILLs whatever the command left running in its group, so the GPUs are
+   not start (missing binary, bad working directory), with ``ended_at`` (epoch seconds);
+   this happens even when the server is gone. Then it SIGKILLs whatever the command left running in its group, so the GPUs are
    really free once the job is recorded as finished, and exits with the command's status.
 
 Processes that left the group (``setsid``) are found by the ``GPUYARD_JOB_ID`` in their
@@ -156,6 +156,11 @@ def _relay(signum: int, _frame: object) -> None:
         signal.signal(signum, _relay)
 
 
+def _write_ended(path: str, attempt: int, **how: object) -> None:
+    """The exit record: how the command ended (``exit_code`` or ``error``) and when."""
+    _write_atomically(path, {"attempt": attempt, **how, "ended_at": time.time()})
+
+
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpuyard-wrapper")
     parser.add_argument("--run-dir", required=True)
@@ -178,14 +183,14 @@ def main(args: list[str] | None = None) -> int:
     if not argv:
         error = "the job has an empty command"
         print(f"gpuyard: {error}", file=sys.stderr, flush=True)
-        _write_atomically(exit_file, {"attempt": options.attempt, "error": error})
+        _write_ended(exit_file, options.attempt, error=error)
         return 127
     try:
         child = subprocess.Popen(argv, cwd=options.cwd)
     except OSError as exc:
         error = _launch_error(exc, argv, options.cwd)
         print(f"gpuyard: {error}", file=sys.stderr, flush=True)
-        _write_atomically(exit_file, {"attempt": options.attempt, "error": error})
+        _write_ended(exit_file, options.attempt, error=error)
         return 127
     while True:
         try:
@@ -193,7 +198,7 @@ def main(args: list[str] | None = None) -> int:
             break
         except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
             continue
-    _write_atomically(exit_file, {"attempt": options.attempt, "exit_code": code})
+    _write_ended(exit_file, options.attempt, exit_code=code)
     _kill_leftovers()
     return code if code >= 0 else 128 - code
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -303,12 +304,19 @@ async def test_sigkilled_server_loses_no_job_and_no_result(tmp_path: Path, jobs:
         early_files = RunFiles(tmp_path / "runs", "early")
         assert await settle(lambda: early_files.exit_record(1) is not None)
         assert server.state().jobs["early"].status == "running"  # nobody recorded it yet
+        ended_at = early_files.exit_record(1).ended_at
+        assert ended_at is not None
 
+        restarted_at = time.time()
         await server.start()
         after = await server.until(lambda s: s.jobs["next"].status == "completed",
                                    "the next job ran on the freed GPUs")
         early = after.jobs["early"]
         assert (early.status, early.exit_code) == ("failed", 7)
+        # it ended when its wrapper recorded it, not when the restarted server learned it
+        assert early.completed_at == ended_at < restarted_at
+        (failed,) = recorded(tmp_path / "events.db", JobFailed)
+        assert failed.ended_at == ended_at
         assert after.jobs["next"].allocated_gpus == early_gpus
         late = after.jobs["late"]
         assert (late.status, late.pid, late.attempt) == ("running", late_pid, 1)  # adopted

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -169,12 +170,16 @@ def test_sigkilled_server_recovers_its_jobs_over_http(server: ServerProcess, job
 
     server.kill()
     jobs.release(early)  # it ends while the server is down: only its wrapper sees it
-    eventually(lambda: RunFiles(data / "runs", early).exit_record(1), "early's exit code")
+    record = eventually(lambda: RunFiles(data / "runs", early).exit_record(1),
+                        "early's exit code")
 
     server.start()
     api = Api(server.url)
     finished = eventually(lambda: api.status_of(early, "failed"), "early recorded")
     assert finished["exit_code"] == 7 and finished["attempt"] == 1
+    # when it ended, not when the restarted server learned it
+    completed_at = datetime.fromisoformat(finished["completed_at"].replace("Z", "+00:00"))
+    assert abs(completed_at.timestamp() - record.ended_at) < 1e-3
     ran = eventually(lambda: api.status_of(queued, "completed"), "the queued job ran")
     assert ran["allocated_gpus"] == before[early]["allocated_gpus"]
     adopted = api.job(late)

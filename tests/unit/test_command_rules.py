@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from scenario import ADMIN, ALICE, BOB, CAROL, DAVE, LEAD, VIEWER, World
 
-from projections.views import stats
+from projections.views import mean_run_seconds, stats
 from service.commands import (
     Approve,
     Cancel,
@@ -647,6 +647,53 @@ def test_how_a_running_job_ends(
     assert job.completed_at == 5.0 and world.state.gpu_holder == {}
     # a report about a job that is no longer running writes nothing
     assert world.do(report, now=6.0).events == []
+
+
+@pytest.mark.parametrize(
+    ("report", "cancel", "status", "ended_at", "completed_at"),
+    [
+        pytest.param(ReportExited(job_id="j", exit_code=0, ended_at=7.0), False, "completed",
+                     7.0, 7.0, id="exited"),
+        pytest.param(ReportExited(job_id="j", exit_code=3, ended_at=7.0), False, "failed",
+                     7.0, 7.0, id="exited-nonzero"),
+        pytest.param(ReportFailed(job_id="j", error="lost", retryable=False, ended_at=7.0),
+                     False, "failed", 7.0, 7.0, id="failed"),
+        pytest.param(ReportExited(job_id="j", exit_code=-15, ended_at=7.0), True, "cancelled",
+                     7.0, 7.0, id="cancelled"),
+        # a clock that disagrees can put neither end outside the run
+        pytest.param(ReportExited(job_id="j", exit_code=0, ended_at=2.0), False, "completed",
+                     2.0, 5.0, id="before-its-start"),
+        pytest.param(ReportExited(job_id="j", exit_code=0, ended_at=500.0), False, "completed",
+                     500.0, 100.0, id="after-it-was-learned"),
+    ],
+)
+def test_an_end_learned_after_a_restart_keeps_the_time_it_happened(
+    report: Any, cancel: bool, status: str, ended_at: float, completed_at: float
+) -> None:
+    world = World(1)
+    world.submit(ALICE, "j", now=0.0, num_processes=1)
+    assert world.schedule(5.0) == ["j"]
+    if cancel:
+        world.do(Cancel(job_ids=("j",)), ALICE, now=6.0)
+    world.do(report, now=100.0)  # the server learned it as it started again
+    (event,) = world.records[-1:]
+    assert event.event.ended_at == ended_at  # the fact keeps what the executor said
+    job = world.state.jobs["j"]
+    assert (job.status, job.completed_at) == (status, completed_at)
+    # the run's length is the true one; the history is kept in the order ends were learned
+    assert world.state.run_end_at == [100.0]
+    assert mean_run_seconds(world.state, 100.0) == completed_at - 5.0
+    world.assert_replay_equal()
+
+
+def test_an_end_learned_live_is_recorded_when_learned() -> None:
+    world = World(1)
+    world.submit(ALICE, "j", now=0.0, num_processes=1)
+    world.schedule(5.0)
+    world.do(ReportExited(job_id="j", exit_code=0), now=9.0)
+    assert world.records[-1].event.ended_at is None
+    assert world.state.jobs["j"].completed_at == 9.0
+    assert mean_run_seconds(world.state, 9.0) == 4.0
 
 
 def test_max_attempts_one_fails_on_the_first_infrastructure_failure() -> None:
