@@ -644,13 +644,17 @@ class EngineMachine(RuleBasedStateMachine):
         job = self.running_job(data)
         if job is None:
             return
+        # an end learned after a restart: earlier than now, maybe before the run began
+        ago = data.draw(st.sampled_from([None, 0.0, 5.0, 10.0**9]))
+        ended_at = None if ago is None else self.clock.now - ago
         command: Command = {
             "started": ReportStarted(job_id=job, pid=1000, process_start_time=1),
-            "exit0": ReportExited(job_id=job, exit_code=0),
-            "exit1": ReportExited(job_id=job, exit_code=1),
-            "killed": ReportExited(job_id=job, exit_code=-9),
-            "retryable": ReportFailed(job_id=job, error="lost", retryable=True),
-            "fatal": ReportFailed(job_id=job, error="bad", retryable=False),
+            "exit0": ReportExited(job_id=job, exit_code=0, ended_at=ended_at),
+            "exit1": ReportExited(job_id=job, exit_code=1, ended_at=ended_at),
+            "killed": ReportExited(job_id=job, exit_code=-9, ended_at=ended_at),
+            "retryable": ReportFailed(job_id=job, error="lost", retryable=True,
+                                      ended_at=ended_at),
+            "fatal": ReportFailed(job_id=job, error="bad", retryable=False, ended_at=ended_at),
             "cancelled": ReportCancelled(job_id=job),
         }[report]
         self.execute(command, SYSTEM)
@@ -708,6 +712,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.nothing_more_could_start()
         self.no_gpu_is_held_twice()
         self.counts_match_the_jobs()
+        self.every_run_ends_within_itself()
         self.positions_are_1_to_n()
         self.a_fresh_fold_of_the_log_equals_the_live_state()
 
@@ -772,6 +777,17 @@ class EngineMachine(RuleBasedStateMachine):
         assert {k: v for k, v in state.user_running.items() if v} == dict(users)
         teams = Counter(job.team_id for job in running if job.team_id is not None)
         assert {k: v for k, v in state.team_running.items() if v} == dict(teams)
+
+    def every_run_ends_within_itself(self) -> None:
+        """A run ends after it began and no later than the end was recorded, however late
+        (or wrong) the time an executor reports."""
+        state = self.engine.state
+        for job in state.jobs.values():
+            if job.completed_at is not None and job.started_at is not None:
+                assert job.started_at <= job.completed_at <= state.last_at
+        sums = state.run_sums
+        assert all(later >= earlier for earlier, later in zip(sums, sums[1:]))
+        assert state.run_end_at == sorted(state.run_end_at)
 
     def positions_are_1_to_n(self) -> None:
         state = self.engine.state
