@@ -15,12 +15,15 @@ across a restart of the engine, as detached processes do.
   overrides, settings changes, cancels, retries, and a cleanup at the end;
 - ``approval_day.jsonl``: costly and flagged jobs, approvals, rejections, expiry;
 - ``restart.jsonl``: an engine stopped with jobs running, a new engine replaying the
-  same file, recovering lost jobs and going on.
+  same file, recording a job that ended while it was down (with the time it ended),
+  adopting or losing the others, and going on.
 
 The files are history: tests fold them as recorded and never regenerate them. They are
 re-recorded here, by hand, only when a scheduling rule changes (a test checks that every
 recorded pass is what the scheduler decides today); the recording is deterministic, so
-unchanged rules give byte-identical files.
+unchanged rules and event shapes give byte-identical files. An event that gains a field
+changes the bytes a new recording writes, not what the old files mean: they are read as
+recorded, the field taking its default.
 """
 
 from __future__ import annotations
@@ -407,22 +410,33 @@ async def restart_day(path: Path) -> None:
         # dispatched in the last commit: the server stops before its process reports
         await rec.send([(rec.submission(root, num_processes=0, no_wait=True), root)])
     rec.close()  # the server stops with jobs running; their processes go on, or die
+    stopped_at = rec.now
 
     rec.now += 7 * MINUTE
     engine = rec.open()  # a new engine replays the same file
     assert engine.state.running, "the recording should stop with jobs running"
+    started = [job_id for job_id in sorted(engine.state.running)
+               if job_id in rec.executor.alive and engine.state.jobs[job_id].pid is not None]
+    assert started, "the recording should stop with started jobs running"
+    # one ended while the server was down: its wrapper wrote the exit code, and when
+    ended = ReportExited(job_id=started[0], exit_code=0, ended_at=stopped_at + 3 * MINUTE)
+    rec.executor.forget(ended.job_id)
     lost = []
     for job_id in sorted(engine.state.running):
         job = engine.state.jobs[job_id]
+        if job_id == ended.job_id:
+            continue
         if job_id in rec.executor.alive and job.pid is not None and rec.rng.random() < 0.5:
             continue  # adopted: pid and start time match, it reports its exit later
         rec.executor.forget(job_id)
         lost.append(job_id)
-    print(f"restart: {len(engine.state.running)} running, {len(lost)} lost", file=sys.stderr)
+    print(f"restart: {len(engine.state.running)} running, {len(lost)} lost, "
+          "1 ended while down", file=sys.stderr)
     async with engine.running():
         await rec.send([(ObserveInventory(backend="nvml", devices=INVENTORY), SYSTEM)])
         await rec.send([(ReportFailed(job_id=job_id, error="process lost while the server "
-                                      "was down", retryable=True), SYSTEM) for job_id in lost])
+                                      "was down", retryable=True), SYSTEM) for job_id in lost]
+                       + [(ended, SYSTEM)])
         await rec.send([(ChangeSettings({"max_concurrent": 7}), root)])
         await rec.minutes(150, traffic)
     rec.close()

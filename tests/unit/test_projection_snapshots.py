@@ -117,6 +117,10 @@ def test_the_recorded_logs_are_what_they_claim(name: str) -> None:
     if name == "restart.jsonl":
         errors = {r.event.error for r in records if r.type == "job.failed"}  # type: ignore[union-attr]
         assert "process lost while the server was down" in errors
+        # a job that ended while the server was down ended then, not when it was learned
+        (late,) = [r for r in records if getattr(r.event, "ended_at", None) is not None]
+        assert late.event.ended_at < late.at  # type: ignore[union-attr]
+        assert state.jobs[late.event.job_id].completed_at == late.event.ended_at  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("name", LOGS)
