@@ -268,7 +268,8 @@ def jobs_submit(ctx: click.Context, config: str, no_wait: bool, any_gpu: bool, d
               help="Only jobs in this status (queued = pending).")
 @click.option("-l", "--limit", type=click.IntRange(1, 500), default=50, show_default=True,
               help="At most this many jobs.")
-@click.option("--user", "user_id", type=int, default=None, help="Only this user's jobs.")
+@click.option("--user", "--user-id", "user_id", type=int, default=None,
+              help="Only this user's jobs.")
 @click.option("--active", is_flag=True, help="Hide finished jobs.")
 @click.pass_context
 def jobs_list(ctx: click.Context, fields: str | None, fmt: str, status: str | None,
@@ -524,7 +525,9 @@ _LIMIT_OPTIONS: list[tuple[str, str, Any, str]] = [
 def _limit_options(func: Any) -> Any:
     for name, flag, kind, text in reversed(_LIMIT_OPTIONS):
         func = click.option(flag, name, type=kind, default=None, help=text)(func)
-    return click.option("--fair-share/--no-fair-share", "enable_fair_share", default=None,
+    return click.option("--fair-share/--no-fair-share",
+                        "--enable-fair-share/--disable-fair-share", "enable_fair_share",
+                        default=None,
                         help="Per-team limits on or off.")(func)
 
 
@@ -590,7 +593,8 @@ def users() -> None:
 @click.argument("name")
 @click.option("--level", type=click.Choice(["admin", "lead", "researcher", "viewer"]),
               required=True, help="What the user may do, and their jobs' base priority.")
-@click.option("--team", "team_id", default=None, help="Team, for per-team limits.")
+@click.option("--team", "--team-id", "team_id", default=None,
+              help="Team, for per-team limits.")
 @click.option("--data-dir", "data_dir", default=None,
               type=click.Path(file_okay=False, path_type=Path),
               help="Write to this stopped server's log directly, as the local admin (the "
@@ -713,8 +717,9 @@ def _output_file(path: str | None) -> Iterator[Any]:
 @click.option("--until", default=None, help="Events at or before this time.")
 @click.option("--after-seq", type=click.IntRange(min=0), default=None,
               help="Events after this seq (to continue an earlier export).")
-@click.option("--job", "job_id", default=None, help="Only this job's events.")
-@click.option("--user", "user_id", type=int, default=None, help="Only this user's events.")
+@click.option("--job", "--job-id", "job_id", default=None, help="Only this job's events.")
+@click.option("--user", "--user-id", "user_id", type=int, default=None,
+              help="Only this user's events.")
 @click.option("--type", "event_type", default=None, help="Only events of this type, e.g. "
               "job.dispatched.")
 @click.option("-o", "--output", default=None, help="Write to this file (default stdout).")

@@ -276,6 +276,11 @@ def test_queue_limits_process_cleanup(tmp_path: Path) -> None:
         reset = json.loads(cli("queue", "limits", "--max-concurrent", "5",
                                "--local-gpu-max-concurrent", "none", "--format", "json").stdout)
         assert (reset["max_concurrent"], reset["local_gpu_max_concurrent"]) == (5, None)
+        # each setting's flag is also spelled as its field is named
+        fair = json.loads(cli("queue", "limits", "--enable-fair-share", "--format", "json").stdout)
+        assert fair["enable_fair_share"] is True
+        unfair = json.loads(cli("queue", "limits", "--no-fair-share", "--format", "json").stdout)
+        assert unfair["enable_fair_share"] is False
         shown = cli("queue", "limits")
         assert "user_max_concurrent" in shown.stdout
         # aging off while the queue is built: how fast the build goes decides nothing
@@ -374,6 +379,8 @@ def test_export_csv_and_a_filtered_export(cli, tmp_path: Path) -> None:
     assert mine and all(line["data"].get("job_id") == wanted for line in mine)
     assert {"job.submitted", "job.dispatched"} <= {line["type"] for line in mine}
     assert len(mine) < len(everything.stdout.splitlines())
+    by_field_name = cli("audit", "export", "--job-id", wanted)
+    assert by_field_name.stdout == to_stdout.stdout
 
 
 # ---------------------------------------------------------------- errors

@@ -42,6 +42,9 @@ def test_users_tokens_and_auth(server: ServerProcess) -> None:
     assert (alice["user_id"], alice["team_id"]) == (2, "alpha")
     assert "conflict (409)" in one_error_line(
         cli("users", "add", "alice", "--level", "viewer", token=root))
+    bob = json.loads(cli("users", "add", "bob", "--level", "viewer", "--team-id", "beta",
+                         "--format", "json", token=root).stdout)
+    assert (bob["user_id"], bob["team_id"]) == (3, "beta")
 
     listed = cli("users", "list", token=root)
     assert listed.returncode == 0, listed.stderr
@@ -53,6 +56,11 @@ def test_users_tokens_and_auth(server: ServerProcess) -> None:
     submitted = cli("jobs", "submit", "noop", "--format", "json", env=as_alice)
     assert submitted.returncode == 0, submitted.stderr
     job_id = json.loads(submitted.stdout)["job_id"]
+    for flag in ("--user", "--user-id"):
+        alices = json.loads(cli("jobs", "list", flag, "2", "--format", "json", token=root).stdout)
+        assert [job["job_id"] for job in alices] == [job_id]
+        nobody = cli("jobs", "list", flag, "3", "--format", "json", token=root)
+        assert json.loads(nobody.stdout) == []
     assert "not allowed (403)" in one_error_line(cli("users", "list", env=as_alice))
     assert "not allowed (403)" in one_error_line(cli("jobs", "approve", job_id, env=as_alice))
     assert "not allowed (403)" in one_error_line(cli("audit", "export", env=as_alice))
