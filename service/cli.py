@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import click
 
 from service.client import DEFAULT_URL, Client, ClientError
+from service.wording import plural
 
 __all__ = ["main", "cli"]
 
@@ -291,7 +292,7 @@ def jobs_list(ctx: click.Context, fields: str | None, fmt: str, status: str | No
         else:
             _json([{column: pick(entry, column) for column in columns} for entry in entries])
         return
-    title = (f"{len(entries)} jobs (pending {answer.get('total_pending', 0)}, running "
+    title = (f"{plural(len(entries), 'job')} (pending {answer.get('total_pending', 0)}, running "
              f"{answer.get('total_running', 0)}, blocked {answer.get('total_blocked', 0)})")
     if columns:
         _out().print(table(entries, columns, title=title))
@@ -333,7 +334,7 @@ def jobs_cancel(ctx: click.Context, job_ids: tuple[str, ...], all_jobs: bool, ye
 
 def _echo_cancelled(cancelled: list[str]) -> None:
     """A bulk cancel's answer: running ones among them stop after SIGTERM (or SIGKILL)."""
-    click.echo(f"cancelled {len(cancelled)} jobs" + (f": {', '.join(cancelled)}"
+    click.echo(f"cancelled {plural(len(cancelled), 'job')}" + (f": {', '.join(cancelled)}"
                                                      if cancelled else ""))
 
 
@@ -566,7 +567,7 @@ def queue_process(ctx: click.Context) -> None:
     """Run one scheduling pass now (admin)."""
     answer = _api(ctx).post("/api/queue/process")
     started = answer.get("job_ids", [])
-    click.echo(f"dispatched {answer.get('dispatched', len(started))} jobs"
+    click.echo(f"dispatched {plural(answer.get('dispatched', len(started)), 'job')}"
                + (f": {', '.join(started)}" if started else ""))
 
 

@@ -52,6 +52,7 @@ from msgspec import Struct
 
 from events.types import JobDispatched, Settings
 from projections.state import JobEntry, OrderKey, QueueState, StreamLevel
+from service.wording import is_are, plural, running_count
 
 __all__ = [
     "URGENT",
@@ -190,7 +191,8 @@ def never_fits(state: QueueState, need: int, device_ids: tuple[int, ...] | None)
     inventory = {d.index for d in state.gpus}
     limit = state.settings.local_gpu_max_concurrent
     if need > len(inventory):
-        return f"num_processes {need} is more than the {len(inventory)} GPUs this server has"
+        return (f"num_processes {need} is more than the {plural(len(inventory), 'GPU')} this "
+                "server has")
     if limit is not None and need > limit:
         return f"num_processes {need} is more than local_gpu_max_concurrent ({limit})"
     if device_ids:
@@ -243,22 +245,24 @@ class _Pass:
         s = self.settings
         if self.running >= s.max_concurrent:
             return Placement(False, reason=Reason(
-                "global_limit", f"{self.running} jobs are running, max_concurrent is "
+                "global_limit", f"{running_count(self.running, 'job')}, max_concurrent is "
                 f"{s.max_concurrent}"))
         if self.users(job.user_id) >= s.user_max_concurrent:
             return Placement(False, reason=Reason(
-                "user_limit", f"user {job.user_id} already runs {self.users(job.user_id)} "
-                f"jobs, user_max_concurrent is {s.user_max_concurrent}"))
+                "user_limit", f"user {job.user_id} already runs "
+                f"{plural(self.users(job.user_id), 'job')}, user_max_concurrent is "
+                f"{s.user_max_concurrent}"))
         if s.enable_fair_share and job.team_id is not None:
             if self.teams(job.team_id) >= s.team_max_concurrent:
                 return Placement(False, reason=Reason(
-                    "team_limit", f"team {job.team_id} already runs {self.teams(job.team_id)} "
-                    f"jobs, team_max_concurrent is {s.team_max_concurrent}"))
+                    "team_limit", f"team {job.team_id} already runs "
+                    f"{plural(self.teams(job.team_id), 'job')}, team_max_concurrent is "
+                    f"{s.team_max_concurrent}"))
         if job.spec.target != "local":
             return Placement(True)
         if self.local_running >= s.local_job_max_concurrent:
             return Placement(False, reason=Reason(
-                "local_job_limit", f"{self.local_running} local jobs are running, "
+                "local_job_limit", f"{running_count(self.local_running, 'local job')}, "
                 f"local_job_max_concurrent is {s.local_job_max_concurrent}"))
         need = job.spec.num_processes
         if need == 0:
@@ -274,12 +278,12 @@ class _Pass:
         limit = s.local_gpu_max_concurrent
         if limit is not None and need > limit:  # lowered after submission: wait, reserve nothing
             return Placement(False, reason=Reason(
-                "local_gpu_limit", f"it needs {need} GPUs and local_gpu_max_concurrent is now "
-                f"{limit}; it waits until the limit is raised"))
+                "local_gpu_limit", f"it needs {plural(need, 'GPU')} and "
+                f"local_gpu_max_concurrent is now {limit}; it waits until the limit is raised"))
         if limit is not None and self.allocated + need > limit:
             return Placement(False, reason=Reason(
-                "local_gpu_limit", f"{self.allocated} GPUs are allocated and this job needs "
-                f"{need}, local_gpu_max_concurrent is {limit}"))
+                "local_gpu_limit", f"{plural(self.allocated, 'GPU')} {is_are(self.allocated)} "
+                f"allocated and this job needs {need}, local_gpu_max_concurrent is {limit}"))
         gpus = self._choose(job, self.reserved)
         if gpus is not None:
             return Placement(True, gpus=gpus)
@@ -292,7 +296,7 @@ class _Pass:
     def _outgrown(self, job: JobEntry) -> str | None:
         spec = job.spec
         if spec.num_processes > len(self.inventory):
-            return (f"it needs {spec.num_processes} GPUs and the GPU inventory now has "
+            return (f"it needs {plural(spec.num_processes, 'GPU')} and the GPU inventory now has "
                     f"{len(self.inventory)}; it waits until GPUs come back")
         if spec.device_ids and not spec.any_gpu and not self.inventory.issuperset(spec.device_ids):
             gone = sorted(set(spec.device_ids) - self.inventory)
@@ -316,7 +320,8 @@ class _Pass:
         if spec.device_ids and not spec.any_gpu:
             busy = sorted(set(spec.device_ids) - self.free)
             return f"it needs GPUs {list(spec.device_ids)} and {busy} are in use"
-        return f"it needs {spec.num_processes} GPUs and {len(self.free)} are free"
+        free = len(self.free)
+        return f"it needs {plural(spec.num_processes, 'GPU')} and {free} {is_are(free)} free"
 
     def record(self, job: JobEntry, placement: Placement) -> None:
         """Count a decision so the jobs after it see it."""
@@ -461,5 +466,6 @@ def explain(state: QueueState, job_id: str, now: float) -> Explanation:
         assert placement.reason is not None
         reasons.append(placement.reason)
     if pos is not None and pos > 1:
-        reasons.append(Reason("jobs_ahead", f"{pos - 1} pending jobs are ahead of it"))
+        reasons.append(Reason("jobs_ahead", f"{plural(pos - 1, 'pending job')} {is_are(pos - 1)} "
+                              "ahead of it"))
     return Explanation(job_id, job.status, pos, reasons)

@@ -238,7 +238,10 @@ async def test_explain_says_why_a_job_waits(api) -> None:
     assert why["job_id"] == jobs["r1"] and why["status"] == "pending" and why["position"] == 3
     codes = [reason["code"] for reason in why["reasons"]]
     assert codes[0] == "local_job_limit" and "jobs_ahead" in codes
-    assert all(reason["detail"] for reason in why["reasons"])
+    details = {reason["code"]: reason["detail"] for reason in why["reasons"]}
+    assert details["local_job_limit"] == (
+        "1 local job is running, local_job_max_concurrent is 1")
+    assert details["jobs_ahead"] == "2 pending jobs are ahead of it"
     blocked = (await api.get(f"/api/queue/{jobs['blocked']}/explain", "admin")).json()
     assert [r["code"] for r in blocked["reasons"]] == ["awaiting_approval"]
     running = (await api.get(f"/api/queue/{jobs['running']}/explain", "admin")).json()

@@ -319,7 +319,7 @@ def test_queue_limits_process_cleanup(tmp_path: Path) -> None:
         assert _status(server, low) == "pending"  # startable, and nothing has run a pass
         dispatched = cli("queue", "process")
         assert dispatched.returncode == 0, dispatched.stderr
-        assert dispatched.stdout.strip() == f"dispatched 1 jobs: {low}"
+        assert dispatched.stdout.strip() == f"dispatched 1 job: {low}"
         assert _status(server, low) == "running" and _status(server, high) == "pending"
 
         cleaned = cli("queue", "cleanup", "--days", "30")
