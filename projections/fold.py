@@ -307,6 +307,7 @@ def _completed(state: QueueState, event: JobCompleted, seq: int, at: float) -> N
     job = state.jobs[event.job_id]
     _finish(job, state, "completed", at, event.ended_at)
     job.exit_code = event.exit_code
+    job.error_message = None  # an earlier attempt's failure is in the log, not this job's end
 
 
 def _failed(state: QueueState, event: JobFailed, seq: int, at: float) -> None:

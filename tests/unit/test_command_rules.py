@@ -622,6 +622,22 @@ def test_retryable_failure_requeues_until_max_attempts() -> None:
     world.assert_replay_equal()
 
 
+def test_a_retry_that_succeeds_ends_without_the_earlier_error() -> None:
+    world = World(1)
+    world.submit(ALICE, "j", now=0.0, num_processes=1)
+    world.schedule(1.0)
+    world.do(ReportFailed(job_id="j", error="launch failed", retryable=True), now=1.5)
+    assert world.schedule(2.0) == ["j"]
+    running = world.state.jobs["j"]
+    assert (running.status, running.attempt, running.error_message) == (
+        "running", 2, "launch failed")  # while it runs again, why it is on its second try
+    world.do(ReportExited(job_id="j", exit_code=0), now=3.0)
+    job = world.state.jobs["j"]
+    assert (job.status, job.attempt, job.exit_code, job.error_message) == (
+        "completed", 2, 0, None)
+    world.assert_replay_equal()
+
+
 @pytest.mark.parametrize(
     ("report", "status", "exit_code", "message"),
     [
