@@ -131,7 +131,8 @@ def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Error
     detail = exc.detail
     if status == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
         detail = f"the request body is larger than {MAX_BODY_BYTES // 1024 // 1024} MiB"
-    elif status == HTTP_400_BAD_REQUEST and "malformed" in detail.lower():
+    elif (status == HTTP_400_BAD_REQUEST and "malformed" in detail.lower()
+          and not detail.startswith("malformed JSON body")):
         detail = f"malformed JSON body: {detail}"
     elif status >= 500:
         log.error("http_error", status=status, detail=detail, path=request.url.path)

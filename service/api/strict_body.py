@@ -4,6 +4,8 @@ Litestar converts a handler's arguments in lax mode (query strings need it: ever
 in them is a string), which would also let a JSON body say ``"max_concurrent": "3"`` or
 ``"enable_fair_share": "true"``. This hook checks the body alone, strictly, against the
 handler's declared model before the handler runs: a wrong type is a 422 naming the field.
+A string that is not valid UTF-8 is a 400 here, since msgspec reports it as a
+``UnicodeDecodeError`` that Litestar's own parsing would let through as a 500.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request
+from litestar.exceptions import ClientException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from service.commands import InvalidRequest
@@ -54,4 +57,7 @@ async def check_body_types(request: Request[Any, Any, Any]) -> None:
         raise InvalidRequest(f"invalid request body: {exc}") from None
     except msgspec.DecodeError:  # malformed JSON: Litestar's own parsing answers 400
         return None
+    except UnicodeDecodeError:  # msgspec's (and so Litestar's) answer to bad bytes in a string
+        raise ClientException(detail="malformed JSON body: a string in it is not valid "
+                                     "UTF-8") from None
     return None

@@ -198,6 +198,25 @@ async def test_malformed_json_is_400(api, raw) -> None:
     assert response.json()["detail"]
 
 
+@pytest.mark.parametrize(("method", "path", "raw"), [
+    ("post", "/api/queue/submit", b'{"config_name": "cpu", "metadata": {"a": "\xff"}}'),
+    ("post", "/api/queue/submit", b'{"config_name": "cpu", "metadata": {"\xff": 1}}'),
+    ("post", "/api/queue/submit", b'{"config_name": "cpu", "idempotency_key": "k\xc3"}'),
+    ("post", "/api/queue/concurrency", b'{"max_concurrent": 3, "\xff": 1}'),
+    ("post", "/api/queue/cancel", b'{"job_ids": ["\xff"]}'),
+    ("post", "/api/users", b'{"name": "\xff", "level": "viewer"}'),
+    ("put", "/api/configs/odd", b'{"command": ["\xff"]}'),
+])
+async def test_a_string_that_is_not_utf8_is_400(api, method, path, raw) -> None:
+    before = api.state.last_seq
+    response = await api.client.request(method.upper(), path, content=raw,
+                                        headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"] == (
+        "malformed JSON body: a string in it is not valid UTF-8")
+    assert api.state.last_seq == before
+
+
 @pytest.mark.parametrize("path", ["/api/queue/submit", "/api/queue/concurrency"])
 async def test_json_nested_too_deeply_is_400(api, path) -> None:
     depth = 100_000  # well under 1 MiB, far deeper than any decoder recurses
