@@ -415,8 +415,8 @@ def resolve_spec(command: Submit, state: QueueState) -> JobSpec:
             raise InvalidRequest("device_ids must be GPU indices (0 or more)")
         if len(set(device_ids)) != len(device_ids):
             raise InvalidRequest(f"device_ids {device_ids} lists a GPU twice")
-    if explicit is None:
-        need = len(device_ids) if device_ids and not command.any_gpu else 1
+    if explicit is None:  # no count anywhere: as many GPUs as device_ids name (any_gpu or not)
+        need = len(device_ids) if device_ids else 1
     else:
         need = explicit
     if need < 0:
@@ -424,7 +424,7 @@ def resolve_spec(command: Submit, state: QueueState) -> JobSpec:
     if device_ids and not command.any_gpu and len(device_ids) != need:
         raise InvalidRequest(f"num_processes is {need} but device_ids names {len(device_ids)} "
                              "GPUs; give as many device_ids as processes, or set any_gpu")
-    why = never_fits(state, need, None if command.any_gpu else tuple(device_ids or ()))
+    why = never_fits(state, need, tuple(device_ids or ()))  # SPEC 4: even with any_gpu
     if why is not None:
         raise InvalidRequest(f"this job could never start: {why}")
     cost = command.estimated_cost if command.estimated_cost is not None else config.estimated_cost
