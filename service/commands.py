@@ -427,9 +427,13 @@ def resolve_spec(command: Submit, state: QueueState) -> JobSpec:
     why = never_fits(state, need, tuple(device_ids or ()))  # SPEC 4: even with any_gpu
     if why is not None:
         raise InvalidRequest(f"this job could never start: {why}")
-    cost = command.estimated_cost if command.estimated_cost is not None else config.estimated_cost
-    if cost is not None and cost < 0:
+    stated, configured = command.estimated_cost, config.estimated_cost
+    if (stated is not None and stated < 0) or (configured is not None and configured < 0):
         raise InvalidRequest("estimated_cost must be 0 or more")
+    # the body may raise the config's cost, never lower it: approval is not for the
+    # submitter to talk their way out of
+    cost = configured if stated is None else stated if configured is None else (
+        max(stated, configured))
     return JobSpec(
         config_name=command.config_name,
         command=tuple(config.command),

@@ -87,17 +87,32 @@ def test_approval_rules(
         assert world.schedule(1.0) == ["j"]
 
 
-def test_cost_from_the_submit_body_overrides_the_config() -> None:
+@pytest.mark.parametrize(
+    ("in_config", "in_body", "cost", "status"),
+    [
+        pytest.param(10.0, 99.0, 99.0, "blocked", id="body-raises-the-cost"),
+        pytest.param(99.0, 10.0, 99.0, "blocked", id="body-cannot-lower-the-cost"),
+        pytest.param(None, 99.0, 99.0, "blocked", id="body-gives-the-cost"),
+        pytest.param(99.0, None, 99.0, "blocked", id="config-gives-the-cost"),
+        pytest.param(None, 10.0, 10.0, "running", id="a-low-stated-cost-runs"),
+    ],
+)
+def test_the_cost_is_the_higher_of_config_and_body(
+    in_config: float | None, in_body: float | None, cost: float, status: str
+) -> None:
     world = World()
     from scenario import config
 
     from service.commands import Submit
 
-    command = Submit(job_id="j", config_name="c", config=config(0, None, 10.0), estimated_cost=99.0)
+    command = Submit(job_id="j", config_name="c", config=config(0, None, in_config),
+                     estimated_cost=in_body)
     world.do(command, ALICE, now=0.0)
-    assert world.status("j") == "blocked"
-    assert world.state.jobs["j"].spec.estimated_cost == 99.0
-    assert "99" in (world.state.jobs["j"].approval_reason or "")
+    world.schedule(0.0)
+    job = world.state.jobs["j"]
+    assert (job.status, job.spec.estimated_cost) == (status, cost)
+    if status == "blocked":
+        assert "99" in (job.approval_reason or "")
 
 
 def test_approve_moves_a_blocked_job_to_pending_and_it_then_runs() -> None:
