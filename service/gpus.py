@@ -42,7 +42,7 @@ class Inventory(Struct, frozen=True, kw_only=True):
 def parse_gpu_spec(spec: str) -> tuple[GpuDevice, ...]:
     """Parse a ``--gpus`` spec into devices indexed 0..n-1; ValueError when malformed."""
     text = spec.strip()
-    if text.lower() in ("", "none"):
+    if text.lower() in ("", "none", "0"):  # a bare count of 0 says no GPUs too
         return ()
     devices: list[GpuDevice] = []
     for raw_group in text.split(","):

@@ -19,6 +19,7 @@ def devices(*rows: tuple[str, float]) -> tuple[GpuDevice, ...]:
         ("NONE", ()),
         ("", ()),
         ("  none ", ()),
+        ("0", ()),
         ("4", devices(*[("GPU", 0.0)] * 4)),
         ("1", devices(("GPU", 0.0))),
         ("4xA100:40", devices(*[("A100", 40.0)] * 4)),
@@ -34,7 +35,8 @@ def test_valid_specs_give_devices_indexed_in_order(spec: str, expected: tuple) -
 @pytest.mark.parametrize(
     ("spec", "says"),
     [
-        ("0", "count must be at least 1"),
+        ("0xA100:40", "count must be at least 1"),
+        ("2,0xT4:16", "count must be at least 1"),
         ("4xA100", "bad group '4xA100'"),
         ("A100:40", "bad group 'A100:40'"),
         ("4xA100:", "bad group '4xA100:'"),
