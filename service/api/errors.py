@@ -41,11 +41,19 @@ from service.commands import (
 from service.engine import EngineUnavailable
 
 __all__ = ["EXCEPTION_HANDLERS", "DOMAIN_STATUS", "error_responses", "REQUEST_ID_KEY",
-           "MAX_BODY_BYTES"]
+           "MAX_BODY_BYTES", "MalformedBody"]
 
 log = structlog.get_logger("gpuyard.api")
 
 MAX_BODY_BYTES = 1024 * 1024
+
+
+class MalformedBody(Exception):
+    """A request body that is not JSON (400), and why."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
 
 DOMAIN_STATUS: dict[type[DomainError], int] = {
     UnknownJob: 404,
@@ -131,13 +139,16 @@ def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Error
     detail = exc.detail
     if status == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
         detail = f"the request body is larger than {MAX_BODY_BYTES // 1024 // 1024} MiB"
-    elif (status == HTTP_400_BAD_REQUEST and "malformed" in detail.lower()
-          and not detail.startswith("malformed JSON body")):
-        detail = f"malformed JSON body: {detail}"
+    elif status == HTTP_400_BAD_REQUEST and "malformed" in detail.lower():
+        return _malformed(request, MalformedBody(detail))
     elif status >= 500:
         log.error("http_error", status=status, detail=detail, path=request.url.path)
         detail = "internal error"
     return _answer(request, status, detail, headers=exc.headers)
+
+
+def _malformed(request: Request[Any, Any, Any], exc: MalformedBody) -> Response[ErrorBody]:
+    return _answer(request, HTTP_400_BAD_REQUEST, f"malformed JSON body: {exc.why}")
 
 
 def _msgspec(request: Request[Any, Any, Any], exc: msgspec.ValidationError) -> Response[ErrorBody]:
@@ -154,7 +165,7 @@ def _recursion(request: Request[Any, Any, Any], exc: RecursionError) -> Response
     # msgspec gives up on a body nested deeper than it will decode; Litestar passes that
     # on as it is (it maps only DecodeError to a 400)
     if "deserializing" in str(exc):
-        return _answer(request, HTTP_400_BAD_REQUEST, "malformed JSON body: nested too deeply")
+        return _malformed(request, MalformedBody("nested too deeply"))
     return _internal(request, exc)
 
 
@@ -169,6 +180,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     DomainError: _domain,
     Unauthenticated: _unauthenticated,
     HTTPException: _http,
+    MalformedBody: _malformed,
     msgspec.ValidationError: _msgspec,
     EngineUnavailable: _unavailable,
     LogError: _unavailable,

@@ -4,8 +4,8 @@ Litestar converts a handler's arguments in lax mode (query strings need it: ever
 in them is a string), which would also let a JSON body say ``"max_concurrent": "3"`` or
 ``"enable_fair_share": "true"``. This hook checks the body alone, strictly, against the
 handler's declared model before the handler runs: a wrong type is a 422 naming the field.
-A string that is not valid UTF-8 is a 400 here, since msgspec reports it as a
-``UnicodeDecodeError`` that Litestar's own parsing would let through as a 500.
+A body that is not JSON is a 400 here, including a string that is not valid UTF-8,
+which msgspec reports as a ``UnicodeDecodeError`` that Litestar would let through as a 500.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import msgspec
 from litestar import Request
-from litestar.exceptions import ClientException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
+from service.api.errors import MalformedBody
 from service.commands import InvalidRequest
 
 __all__ = ["check_body_types"]
@@ -48,16 +48,20 @@ async def check_body_types(request: Request[Any, Any, Any]) -> None:
     try:
         _strict_decoder(declared.annotation).decode(body)
     except msgspec.ValidationError as exc:
-        # a typed decode stops at the first wrong value; malformed JSON after it is
-        # still a 400 (Litestar's own parsing answers it), not a 422
-        try:
-            msgspec.json.decode(body)
-        except msgspec.DecodeError:
-            return None
+        # a typed decode stops at the first wrong value: a body that is malformed after
+        # it is still a 400, not a 422
+        _refuse_if_malformed(body)
         raise InvalidRequest(f"invalid request body: {exc}") from None
-    except msgspec.DecodeError:  # malformed JSON: Litestar's own parsing answers 400
-        return None
-    except UnicodeDecodeError:  # msgspec's (and so Litestar's) answer to bad bytes in a string
-        raise ClientException(detail="malformed JSON body: a string in it is not valid "
-                                     "UTF-8") from None
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        _refuse_if_malformed(body)
     return None
+
+
+def _refuse_if_malformed(body: bytes) -> None:
+    """A body that is not JSON is a 400 (:class:`MalformedBody`), whatever else is wrong."""
+    try:
+        msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise MalformedBody(str(exc)) from None
+    except UnicodeDecodeError:  # msgspec's answer to bad bytes inside a string
+        raise MalformedBody("a string in it is not valid UTF-8") from None

@@ -206,6 +206,11 @@ async def test_malformed_json_is_400(api, raw) -> None:
     ("post", "/api/queue/cancel", b'{"job_ids": ["\xff"]}'),
     ("post", "/api/users", b'{"name": "\xff", "level": "viewer"}'),
     ("put", "/api/configs/odd", b'{"command": ["\xff"]}'),
+    # a wrong type before the bad string: still the 400, not a 422 or a 500
+    ("post", "/api/queue/concurrency", b'{"max_concurrent": "3", "x": "\xff"}'),
+    ("post", "/api/queue/submit", b'{"config_name": 5, "metadata": {"a": "\xff"}}'),
+    ("post", "/api/queue/submit", b'{"config_name": "cpu", "nope": 1, "k": "\xff"}'),
+    ("post", "/api/queue/abcdefghijkl/priority", b'{"priority": "\xff"}'),
 ])
 async def test_a_string_that_is_not_utf8_is_400(api, method, path, raw) -> None:
     before = api.state.last_seq
