@@ -8,6 +8,7 @@ of what executors report (section 3) all live here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -45,7 +46,7 @@ __all__ = [
     "DomainError", "UnknownJob", "UnknownUser", "UnknownConfig", "WrongState", "NotAllowed",
     "InvalidRequest", "Conflict", "Actor", "LOCAL_ADMIN", "SYSTEM", "Outcome", "handle", "can_see_all",
     "require_admin", "check_own_or_all", "visible_job", "listing_scope",
-    "ConfigSpec", "Submit", "Cancel", "Approve", "Reject", "SetPriority", "ChangeSettings",
+    "ConfigSpec", "gpu_count", "Submit", "Cancel", "Approve", "Reject", "SetPriority", "ChangeSettings",
     "Cleanup", "CreateUser", "UpdateUser", "IssueToken", "RevokeToken", "ObserveInventory",
     "ReportStarted", "ReportExited", "ReportFailed", "ReportCancelled", "ExpireApprovals",
     "Process", "Command", "MAX_METADATA_BYTES", "MIN_STARVATION_THRESHOLD_MINUTES",
@@ -171,6 +172,14 @@ class ConfigSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     env: dict[str, str] = field(default_factory=dict)
     working_dir: str | None = None
     estimated_cost: float | None = None
+
+
+def gpu_count(num_processes: int | None, device_ids: Sequence[int] | None) -> int:
+    """GPUs a job needs (SPEC section 2): ``num_processes``, else as many as its
+    ``device_ids`` name, else 1."""
+    if num_processes is not None:
+        return num_processes
+    return len(device_ids) if device_ids else 1
 
 
 class Submit(Struct, frozen=True, kw_only=True):
@@ -415,10 +424,7 @@ def resolve_spec(command: Submit, state: QueueState) -> JobSpec:
             raise InvalidRequest("device_ids must be GPU indices (0 or more)")
         if len(set(device_ids)) != len(device_ids):
             raise InvalidRequest(f"device_ids {device_ids} lists a GPU twice")
-    if explicit is None:  # no count anywhere: as many GPUs as device_ids name (any_gpu or not)
-        need = len(device_ids) if device_ids else 1
-    else:
-        need = explicit
+    need = gpu_count(explicit, device_ids)  # any_gpu or not
     if need < 0:
         raise InvalidRequest(f"num_processes must be 0 or more, not {need}")
     if device_ids and not command.any_gpu and len(device_ids) != need:
@@ -427,8 +433,8 @@ def resolve_spec(command: Submit, state: QueueState) -> JobSpec:
     why = never_fits(state, need, tuple(device_ids or ()))  # SPEC 4: even with any_gpu
     if why is not None:
         raise InvalidRequest(f"this job could never start: {why}")
-    stated, configured = command.estimated_cost, config.estimated_cost
-    if (stated is not None and stated < 0) or (configured is not None and configured < 0):
+    stated, configured = command.estimated_cost, config.estimated_cost  # configs are checked
+    if stated is not None and stated < 0:
         raise InvalidRequest("estimated_cost must be 0 or more")
     # the body may raise the config's cost, never lower it: approval is not for the
     # submitter to talk their way out of

@@ -16,7 +16,7 @@ from service.api.auth import CurrentActor
 from service.api.context import runtime_of
 from service.api.errors import error_responses
 from service.api.models import ConfigBody, ConfigListing, ConfigOut, InvalidConfig
-from service.commands import ConfigSpec, InvalidRequest, require_admin
+from service.commands import ConfigSpec, InvalidRequest, gpu_count, require_admin
 
 __all__ = ["configs_router"]
 
@@ -24,11 +24,8 @@ log = structlog.get_logger("gpuyard.api")
 
 
 def _config_out(name: str, spec: ConfigSpec) -> ConfigOut:
-    if spec.num_processes is not None:
-        count = spec.num_processes
-    else:  # SPEC section 2: device_ids name the GPUs, else the default of 1
-        count = len(spec.device_ids) if spec.device_ids else 1
-    return ConfigOut(name=name, command=list(spec.command), num_processes=count,
+    return ConfigOut(name=name, command=list(spec.command),
+                     num_processes=gpu_count(spec.num_processes, spec.device_ids),
                      device_ids=None if spec.device_ids is None else list(spec.device_ids),
                      env=dict(spec.env), working_dir=spec.working_dir,
                      estimated_cost=spec.estimated_cost)
