@@ -336,7 +336,9 @@ def _cancel_requested(state: QueueState, event: JobCancelRequested, seq: int, at
 
 
 def _cancelled(state: QueueState, event: JobCancelled, seq: int, at: float) -> None:
-    _finish(state.jobs[event.job_id], state, "cancelled", at, event.ended_at)
+    job = state.jobs[event.job_id]
+    _finish(job, state, "cancelled", at, event.ended_at)
+    job.error_message = None  # as for a completed job: an earlier attempt's failure is history
 
 
 def _approved(state: QueueState, event: JobApproved, seq: int, at: float) -> None:

@@ -653,6 +653,18 @@ def test_a_retry_that_succeeds_ends_without_the_earlier_error() -> None:
     world.assert_replay_equal()
 
 
+def test_a_retry_that_is_cancelled_ends_without_the_earlier_error() -> None:
+    world = World(1)
+    world.submit(ALICE, "j", now=0.0, num_processes=1)
+    world.schedule(1.0)
+    world.do(ReportFailed(job_id="j", error="launch failed", retryable=True), now=1.5)
+    assert world.state.jobs["j"].error_message == "launch failed"
+    world.do(Cancel(job_ids=("j",)), ALICE, now=1.6)
+    job = world.state.jobs["j"]
+    assert (job.status, job.attempt, job.error_message) == ("cancelled", 2, None)
+    world.assert_replay_equal()
+
+
 @pytest.mark.parametrize(
     ("report", "status", "exit_code", "message"),
     [
