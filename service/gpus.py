@@ -1,7 +1,7 @@
 """The GPU inventory: NVML when it works, else the ``--gpus`` spec, else no GPUs.
 
 The spec (SPEC section 1) is a comma-separated list of groups, each ``COUNT`` or
-``COUNTxMODEL:MEMORY_GB``; ``none`` (or an empty string) means no GPUs. Devices get indices
+``COUNTxMODEL:MEMORY_GB``; ``none``, ``0`` or an empty string means no GPUs. Devices get indices
 0..n-1 in the order written. A bare count (``4``) gives devices named ``GPU`` with
 ``memory_gb`` 0.0 (unknown). Examples: ``none``, ``4``, ``4xA100:40``, ``2xH100:80,2xL4:24``.
 
@@ -42,8 +42,8 @@ class Inventory(Struct, frozen=True, kw_only=True):
 def parse_gpu_spec(spec: str) -> tuple[GpuDevice, ...]:
     """Parse a ``--gpus`` spec into devices indexed 0..n-1; ValueError when malformed."""
     text = spec.strip()
-    if text.lower() in ("", "none", "0"):  # a bare count of 0 says no GPUs too
-        return ()
+    if text.lower() in ("", "none") or (text.isdecimal() and int(text) == 0):
+        return ()  # a bare count of 0 says no GPUs too
     devices: list[GpuDevice] = []
     for raw_group in text.split(","):
         group = raw_group.strip()

@@ -20,6 +20,7 @@ def devices(*rows: tuple[str, float]) -> tuple[GpuDevice, ...]:
         ("", ()),
         ("  none ", ()),
         ("0", ()),
+        ("00", ()),
         ("4", devices(*[("GPU", 0.0)] * 4)),
         ("1", devices(("GPU", 0.0))),
         ("4xA100:40", devices(*[("A100", 40.0)] * 4)),
