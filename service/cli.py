@@ -125,7 +125,8 @@ def _api(ctx: click.Context) -> Client:
 @click.option("--data-dir", envvar="GPUYARD_DATA_DIR", default=None,
               help="Data directory (default: GPUYARD_DATA_DIR, else ~/.gpuyard).")
 @click.option("--gpus", envvar="GPUYARD_GPUS", default=None,
-              help="GPU inventory instead of NVML: none, 4, 4xA100:40, 2xH100:80,2xL4:24.")
+              help="GPU inventory instead of NVML: none (or 0), 4, 4xA100:40, "
+                   "2xH100:80,2xL4:24.")
 def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
     """Start the server (the engine, the API and the local executor)."""
     from service.serve import serve as run_server
@@ -739,7 +740,7 @@ def audit_export(ctx: click.Context, fmt: str, since: str | None, until: str | N
         with _output_file(output) as out:
             count = _guard_files(lambda: write_export(source_rows(db_path), out, fmt))
         if output not in (None, "-"):
-            click.echo(f"exported {count} events to {output}", err=True)
+            click.echo(f"exported {plural(count, 'event')} to {output}", err=True)
         return
     _timestamp(since, "--since")  # a bad time is refused here, before any request
     _timestamp(until, "--until")
@@ -759,7 +760,7 @@ def audit_export(ctx: click.Context, fmt: str, since: str | None, until: str | N
             lines += chunk.count(b"\n")
     if output not in (None, "-"):
         events = lines - 1 if fmt == "csv" and lines else lines
-        click.echo(f"exported {events} events to {output}", err=True)
+        click.echo(f"exported {plural(events, 'event')} to {output}", err=True)
 
 
 def _guard_files(action: Any) -> Any:
@@ -799,8 +800,8 @@ def audit_verify(export: str | None, db_path: str | None, partial: bool) -> None
         click.echo(f"ok: {path} holds no events")
         return
     trusted = f", {result.trusted} taken on trust" if partial and result.trusted else ""
-    click.echo(f"ok: {result.count} events, seq {result.first_seq}..{result.last_seq}, hash "
-               f"chain intact{trusted}; head hash {result.head_hash}")
+    click.echo(f"ok: {plural(result.count, 'event')}, seq {result.first_seq}.."
+               f"{result.last_seq}, hash chain intact{trusted}; head hash {result.head_hash}")
 
 
 # ---------------------------------------------------------------- backup
@@ -828,8 +829,8 @@ def backup(dest: str, db_path: str | None, data_dir: str | None, force: bool) ->
         result = _guard_files(lambda: backup_log(source, target))
     except ChainBroken as exc:
         raise Failure(f"the copy in {dest} does not verify: {exc}") from None
-    click.echo(f"backed up {result.count} events (seq 1..{result.last_seq}) from {source} to "
-               f"{dest}; hash chain verified, head hash {result.head_hash}")
+    click.echo(f"backed up {plural(result.count, 'event')} (seq 1..{result.last_seq}) from "
+               f"{source} to {dest}; hash chain verified, head hash {result.head_hash}")
 
 
 # ---------------------------------------------------------------- replay

@@ -18,6 +18,7 @@ from service.cli_tables import (
 )
 from service.replay import CheckReport, Moment, WaitSummary, WhatIfReport, moment_view
 from service.scheduler import Explanation
+from service.wording import plural
 
 __all__ = ["show_moment", "show_explanation", "show_check", "show_what_if"]
 
@@ -80,8 +81,10 @@ def show_check(report: CheckReport, fmt: str) -> None:
     if fmt == "json":
         print_json(msgspec.to_builtins(report))
         return
-    click.echo(f"checked {report.events} events: {report.passes} recorded scheduling passes "
-               f"({report.dispatches} dispatches) and {report.commits} commit ends")
+    click.echo(f"checked {plural(report.events, 'event')}: "
+               f"{plural(report.passes, 'recorded scheduling pass', 'recorded scheduling passes')} "
+               f"({plural(report.dispatches, 'dispatch', 'dispatches')}) and "
+               f"{plural(report.commits, 'commit end')}")
     if not report.differences:
         click.echo("no differences: the current scheduler makes every recorded decision")
         return

@@ -300,6 +300,9 @@ class _Pass:
                     f"{len(self.inventory)}; it waits until GPUs come back")
         if spec.device_ids and not spec.any_gpu and not self.inventory.issuperset(spec.device_ids):
             gone = sorted(set(spec.device_ids) - self.inventory)
+            if len(gone) == 1:
+                return (f"GPU {gone[0]} is no longer in the GPU inventory; it waits until it "
+                        "comes back")
             return f"GPUs {gone} are no longer in the GPU inventory; it waits until they come back"
         return None
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 __all__ = ["plural", "is_are", "running_count"]
 
 
-def plural(n: int, noun: str) -> str:
-    """``n`` and the noun, plural unless ``n`` is 1 (nouns here take an ``s``)."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``n`` and the noun, plural unless ``n`` is 1 (``nouns``, else the noun and an s)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {nouns or noun + 's'}"
 
 
 def is_are(n: int) -> str:

@@ -14,3 +14,7 @@ from service.wording import is_are, plural, running_count
 def test_a_count_agrees_with_its_noun_and_verb(n: int, expected: str) -> None:
     assert running_count(n, "local job") == expected
     assert f"{plural(n, 'local job')} {is_are(n)} running" == expected
+
+
+def test_a_noun_with_its_own_plural() -> None:
+    assert [plural(n, "dispatch", "dispatches") for n in (1, 2)] == ["1 dispatch", "2 dispatches"]
