@@ -2,9 +2,9 @@
 
 ``create_app(runtime)`` wires the routers, the ``actor`` dependency and the guard that
 authenticates every ``/api`` route, the one error mapper, the request id, the 1 MiB body
-limit and the OpenAPI document at ``/schema`` (also ``/schema/openapi.json``; pages to
-browse it at ``/schema/redoc`` and ``/schema/swagger``). Its lifespan runs ``runtime.running()``:
-the engine, the inventory record and the local executor live as long as the app.
+limit and the OpenAPI document at ``/schema`` (also ``/schema/openapi.json`` and
+``/schema/openapi.yaml``; pages to browse it at ``/schema/redoc`` and ``/schema/swagger``).
+Its lifespan runs ``runtime.running()``: the engine, the inventory record and the local executor live as long as the app.
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import JsonRenderPlugin, RedocRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.plugins import (
+    JsonRenderPlugin,
+    RedocRenderPlugin,
+    SwaggerRenderPlugin,
+    YamlRenderPlugin,
+)
 from litestar.openapi.spec import Components, SecurityScheme
 
 from service.api.audit import audit_router
@@ -52,6 +57,7 @@ def create_app(runtime: Runtime) -> Litestar:
         path="/schema",
         # SPEC section 7: "OpenAPI is served at /schema", so the document itself is there
         render_plugins=[JsonRenderPlugin(path=["/openapi.json", "/"]),
+                        YamlRenderPlugin(path="/openapi.yaml"),
                         RedocRenderPlugin(path="/redoc"), SwaggerRenderPlugin(path="/swagger")],
         create_examples=False,
         components=Components(security_schemes={

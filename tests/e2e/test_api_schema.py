@@ -10,6 +10,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import schemathesis
+import yaml
 from schemathesis import GenerationMode
 from api_harness import write_configs
 from hypothesis import HealthCheck, Phase, given, settings
@@ -77,6 +78,8 @@ def test_the_schema_documents_every_endpoint(live_server) -> None:
     document = answer.json()
     assert document["openapi"].startswith("3.")
     assert httpx.get(server.url + "/schema/openapi.json").json() == document
+    as_yaml = httpx.get(server.url + "/schema/openapi.yaml")
+    assert as_yaml.status_code == 200 and yaml.safe_load(as_yaml.text) == document
     page = httpx.get(server.url + "/schema/redoc")  # a page to browse it
     assert (page.status_code, page.headers["content-type"].split(";")[0]) == (200, "text/html")
     paths = document["paths"]
