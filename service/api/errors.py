@@ -46,6 +46,7 @@ __all__ = ["EXCEPTION_HANDLERS", "DOMAIN_STATUS", "error_responses", "REQUEST_ID
 log = structlog.get_logger("gpuyard.api")
 
 MAX_BODY_BYTES = 1024 * 1024
+CLIENT_GONE = "client disconnected prematurely"  # Litestar's words for a body cut short
 
 
 class MalformedBody(Exception):
@@ -141,6 +142,10 @@ def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Error
         detail = f"the request body is larger than {MAX_BODY_BYTES // 1024 // 1024} MiB"
     elif status == HTTP_400_BAD_REQUEST and "malformed" in detail.lower():
         return _malformed(request, MalformedBody(detail))
+    elif detail == CLIENT_GONE:  # the client's doing, and nobody is left to read the answer
+        log.info("client_disconnected", path=request.url.path)
+        return Response(ErrorBody(status_code=HTTP_400_BAD_REQUEST, detail=detail),
+                        status_code=HTTP_400_BAD_REQUEST)
     elif status >= 500:
         log.error("http_error", status=status, detail=detail, path=request.url.path)
         detail = "internal error"

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import anyio
 import httpx
@@ -257,4 +258,23 @@ def test_a_chunked_body_over_1_mib_is_413_too(server) -> None:
     assert "content-length" not in response.request.headers
     assert response.status_code == 413, response.text
     assert "1 MiB" in response.json()["detail"]
+    assert httpx.get(f"{server.url}/api/queue/stats").json()["queue_depth"] == 0
+
+
+def test_a_client_that_leaves_mid_body_is_no_server_error(server) -> None:
+    """A body cut short by a client that hangs up is the client's doing: logged as a
+    disconnect, never as a server error, and nothing is written."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(b"POST /api/queue/submit HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                     b'{"config_name":"cpu"}')
+        conn.shutdown(socket.SHUT_WR)  # the promised 100 bytes never come
+        conn.recv(1024)  # whatever the server says before it closes
+    deadline = time.monotonic() + 10
+    while "client_disconnected" not in server.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.05)
+    log = server.log_path.read_text(errors="replace")
+    assert "request_failed" not in log and "http_error" not in log, server.log_tail()
     assert httpx.get(f"{server.url}/api/queue/stats").json()["queue_depth"] == 0
