@@ -73,6 +73,10 @@ def row_from_export(line: dict[str, Any]) -> Row:
         raise ValueError(f"malformed export line: {exc}") from exc
 
 
+_FIRST_EPOCH = datetime(1, 1, 1, tzinfo=UTC).timestamp()
+_LAST_EPOCH = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+
+
 def parse_time(text: str) -> float:
     """An export filter's time as epoch seconds: ISO 8601 (``Z`` or an offset; naive is
     UTC) or epoch seconds. ``ValueError`` says what it must be instead."""
@@ -84,6 +88,8 @@ def parse_time(text: str) -> float:
     else:
         if not math.isfinite(epoch):
             raise ValueError("must be a finite time")
+        if not _FIRST_EPOCH <= epoch <= _LAST_EPOCH:
+            raise ValueError("must be a time between the years 1 and 9999")
         return epoch
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))

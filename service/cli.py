@@ -10,6 +10,7 @@ line. No traceback is shown for a user's error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from typing import Any, NoReturn
 
 import click
 
-from service.client import DEFAULT_URL, Client, ClientError
+from service.client import DEFAULT_URL, Client, ClientError, segment
 from service.wording import plural
 
 __all__ = ["main", "cli"]
@@ -39,6 +40,17 @@ FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json"]), d
 
 class Failure(click.ClickException):
     """A user's error: shown as one line on stderr, exit status 1."""
+
+
+class Finite(click.FloatRange):
+    """A float range that also refuses nan and inf (JSON has neither)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def _one_line(text: str) -> str:
@@ -73,6 +85,11 @@ def main() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
+    except Exception as exc:  # a case no check above foresaw: still one line, no traceback
+        if os.environ.get("GPUYARD_DEBUG"):
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (GPUYARD_DEBUG=1 shows the "
+              "traceback)", 1)
     sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -103,7 +120,7 @@ class _Connection:
               help="The gpuyard server (also GPUYARD_URL).")
 @click.option("--token", envvar="GPUYARD_TOKEN", default=None,
               help="Bearer token, once users exist (also GPUYARD_TOKEN).")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+@click.option("--timeout", type=Finite(min=0.1, max=86400), default=30.0, show_default=True,
               help="Seconds to wait for the server.")
 @click.pass_context
 def cli(ctx: click.Context, server: str, token: str | None, timeout: float) -> None:
@@ -195,7 +212,7 @@ def jobs() -> None:
               help="GPUs needed (overrides the config; 0 = CPU only).")
 @click.option("--device-ids", default=None, help="GPU indices, e.g. 0,1 (overrides the config).")
 @click.option("--requires-approval", is_flag=True, help="Hold the job until an admin approves.")
-@click.option("--estimated-cost", type=click.FloatRange(min=0), default=None,
+@click.option("--estimated-cost", type=Finite(min=0), default=None,
               help="Estimated cost (drives approval rules).")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Metadata for the job (repeatable), e.g. --label run_name=lr-sweep-3.")
@@ -326,7 +343,7 @@ def jobs_cancel(ctx: click.Context, job_ids: tuple[str, ...], all_jobs: bool, ye
         _echo_cancelled(api.post("/api/queue/cancel", {"all": True}).get("cancelled", []))
         return
     if len(job_ids) == 1:
-        answer = api.post(f"/api/queue/{job_ids[0]}/cancel")
+        answer = api.post(f"/api/queue/{segment(job_ids[0])}/cancel")
         click.echo(_cancel_line(job_ids[0], answer.get("status")))
         return
     answer = api.post("/api/queue/cancel", {"job_ids": list(job_ids)})
@@ -361,7 +378,7 @@ def jobs_show(ctx: click.Context, job_id: str, fmt: str) -> None:
     """One job's queue entry."""
     from service.cli_tables import key_values
 
-    answer = _api(ctx).get(f"/api/queue/{job_id}")
+    answer = _api(ctx).get(f"/api/queue/{segment(job_id)}")
     if fmt == "json":
         _json(answer)
         return
@@ -373,14 +390,14 @@ def jobs_show(ctx: click.Context, job_id: str, fmt: str) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing output until the job ends.")
 @click.option("--tail", type=click.IntRange(min=1), default=None,
               help="Only the last N lines (at the start, with -f).")
-@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+@click.option("--interval", type=Finite(min=0.05), default=1.0, show_default=True,
               help="Seconds between polls with -f.")
 @click.pass_context
 def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
               interval: float) -> None:
     """A job's combined stdout and stderr."""
     api = _api(ctx)
-    path = f"/api/queue/{job_id}/logs"
+    path = f"/api/queue/{segment(job_id)}/logs"
     out = sys.stdout.buffer
     if not follow:
         with api.stream(path, tail=tail) as chunks:
@@ -393,7 +410,7 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
     printed = _follow_once(api, path, 0, tail)
     while True:
         # the status first: output written before the job ended is then all in the file
-        entry = api.get(f"/api/queue/{job_id}")
+        entry = api.get(f"/api/queue/{segment(job_id)}")
         printed = _follow_once(api, path, printed, None)
         if entry.get("status") in TERMINAL:
             detail = entry.get("status")
@@ -447,7 +464,7 @@ def _print_explanation(answer: dict[str, Any]) -> None:
 @click.pass_context
 def jobs_explain(ctx: click.Context, job_id: str, fmt: str) -> None:
     """Why JOB is not running now."""
-    answer = _api(ctx).get(f"/api/queue/{job_id}/explain")
+    answer = _api(ctx).get(f"/api/queue/{segment(job_id)}/explain")
     if fmt == "json":
         _json(answer)
     else:
@@ -459,7 +476,7 @@ def jobs_explain(ctx: click.Context, job_id: str, fmt: str) -> None:
 @click.pass_context
 def jobs_approve(ctx: click.Context, job_id: str) -> None:
     """Approve a blocked job (admin)."""
-    answer = _api(ctx).post(f"/api/queue/{job_id}/approve")
+    answer = _api(ctx).post(f"/api/queue/{segment(job_id)}/approve")
     click.echo(f"job {job_id}: approved, now {answer.get('status', 'pending')}")
 
 
@@ -469,7 +486,7 @@ def jobs_approve(ctx: click.Context, job_id: str) -> None:
 @click.pass_context
 def jobs_reject(ctx: click.Context, job_id: str, reason: str | None) -> None:
     """Reject a blocked job (admin)."""
-    _api(ctx).post(f"/api/queue/{job_id}/reject", reason=reason)
+    _api(ctx).post(f"/api/queue/{segment(job_id)}/reject", reason=reason)
     click.echo(f"job {job_id}: rejected" + (f" ({reason})" if reason else ""))
 
 
@@ -488,7 +505,7 @@ def jobs_priority(ctx: click.Context, job_id: str, priority: str) -> None:
         except ValueError:
             raise click.BadParameter(f"{priority!r} is not 0-100 or none",
                                      param_hint="PRIORITY") from None
-    answer = _api(ctx).post(f"/api/queue/{job_id}/priority", {"priority": value})
+    answer = _api(ctx).post(f"/api/queue/{segment(job_id)}/priority", {"priority": value})
     position = answer.get("position")
     where = f", position {position}" if position else ""
     override = answer.get("priority_override", value)
@@ -513,13 +530,13 @@ _LIMIT_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("local_gpu_max_concurrent", "--local-gpu-max-concurrent", str,
      "GPUs local jobs may hold at once, or `none` for unlimited."),
     ("starvation_threshold_minutes", "--starvation-threshold-minutes",
-     click.FloatRange(min=0, min_open=True), "Minutes of waiting per aging step."),
+     Finite(min=0, min_open=True), "Minutes of waiting per aging step."),
     ("starvation_boost", "--starvation-boost", click.IntRange(min=0), "Priority per step."),
-    ("approval_cost_threshold", "--approval-cost-threshold", click.FloatRange(min=0),
+    ("approval_cost_threshold", "--approval-cost-threshold", Finite(min=0),
      "Jobs costing more wait for approval."),
-    ("approval_timeout_hours", "--approval-timeout-hours", click.FloatRange(min=0, min_open=True),
+    ("approval_timeout_hours", "--approval-timeout-hours", Finite(min=0, min_open=True),
      "Blocked jobs older than this are rejected."),
-    ("cancel_grace_seconds", "--cancel-grace-seconds", click.FloatRange(min=0, max=3600),
+    ("cancel_grace_seconds", "--cancel-grace-seconds", Finite(min=0, max=3600),
      "Seconds between SIGTERM and SIGKILL."),
 ]
 
@@ -663,10 +680,10 @@ def users_token(ctx: click.Context, user_id: int, token_id: str | None) -> None:
     """Issue a new token for USER_ID (shown once), or --revoke one."""
     api = _api(ctx)
     if token_id is not None:
-        api.delete(f"/api/users/{user_id}/tokens/{token_id}")
+        api.delete(f"/api/users/{segment(user_id)}/tokens/{segment(token_id)}")
         click.echo(f"revoked token {token_id} of user {user_id}")
         return
-    answer = api.post(f"/api/users/{user_id}/tokens")
+    answer = api.post(f"/api/users/{segment(user_id)}/tokens")
     click.echo(f"token {answer.get('token_id')} for user {user_id} (shown once, keep it):")
     click.echo(str(answer.get("token")))
 
@@ -699,6 +716,13 @@ def _output_file(path: str | None) -> Iterator[Any]:
         sys.stdout.buffer.flush()
         return
     target = Path(path)
+    if target.is_dir():
+        raise Failure(f"cannot write {path}: it is a directory")
+    if target.exists() and not target.is_file():  # a device or a pipe: write into it
+        with open(target, "wb") as stream:
+            yield stream
+        return
+    target = target.resolve()  # a symlink: replace the file it names, keep the link
     if not target.parent.is_dir():
         raise Failure(f"cannot write {path}: no such directory {target.parent}")
     handle = tempfile.NamedTemporaryFile("wb", dir=target.parent, prefix=f".{target.name}.",

@@ -66,7 +66,10 @@ def when(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        except (OverflowError, OSError, ValueError):  # beyond the years 1-9999
+            return str(value)
     text = str(value)
     return text.replace("T", " ").split(".")[0].removesuffix("Z").removesuffix("+00:00")
 

@@ -12,6 +12,7 @@ import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 
 def _import_httpx() -> types.ModuleType:
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 else:
     httpx = _import_httpx()
 
-__all__ = ["DEFAULT_URL", "Client", "ClientError"]
+__all__ = ["DEFAULT_URL", "Client", "ClientError", "segment"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -64,6 +65,23 @@ class ClientError(Exception):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(" ".join(message.split()))
         self.status = status
+
+
+# an argument the shell passed as bytes that are not text (Python keeps them as surrogates)
+_NOT_TEXT = ClientError("an argument is not valid UTF-8 text; check its quoting and the "
+                        "terminal's encoding")
+
+
+def segment(value: object) -> str:
+    """One path segment (a job id, a user id): escaped, so that ``?``, ``#`` or ``/`` in it
+    cannot reach another route; an empty one cannot either."""
+    text = str(value)
+    if not text:
+        raise ClientError("an id cannot be empty")
+    try:
+        return quote(text, safe="")
+    except UnicodeEncodeError:
+        raise _NOT_TEXT from None
 
 
 def _detail(response: httpx.Response) -> str:
@@ -125,19 +143,32 @@ class Client:
             response = self._http.request(method, path, params=clean, json=json)
         except httpx.HTTPError as exc:
             raise self._failed(exc) from exc
+        except UnicodeEncodeError:
+            raise _NOT_TEXT from None
+        except ValueError as exc:  # JSON has no nan or inf
+            raise ClientError(f"cannot send the request: {exc}") from None
         if response.status_code >= 400:
             raise self._refused(response)
         return response
 
+    def _answer(self, response: httpx.Response) -> Any:
+        """The JSON body of a success: what every gpuyard route answers."""
+        try:
+            return response.json()
+        except ValueError:
+            raise ClientError(f"{self.base_url} answered {response.request.url.path} with "
+                              "something that is not JSON; is --server (GPUYARD_URL) a "
+                              "gpuyard server?") from None
+
     def get(self, path: str, **params: Any) -> Any:
-        return self.request("GET", path, params=params).json()
+        return self._answer(self.request("GET", path, params=params))
 
     def post(self, path: str, body: Any = None, **params: Any) -> Any:
-        return self.request("POST", path, params=params, json=body).json()
+        return self._answer(self.request("POST", path, params=params, json=body))
 
     def delete(self, path: str) -> Any:
         response = self.request("DELETE", path)
-        return response.json() if response.content else None
+        return self._answer(response) if response.content else None
 
     @contextmanager
     def stream(self, path: str, **params: Any) -> Iterator[Iterator[bytes]]:
@@ -151,6 +182,8 @@ class Client:
                 yield self._chunks(response)
         except httpx.HTTPError as exc:
             raise self._failed(exc) from exc
+        except UnicodeEncodeError:
+            raise _NOT_TEXT from None
 
     def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
         try:

@@ -9,7 +9,10 @@ the periodic pass set far out (see ``ServerWithoutTicks``).
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -404,12 +407,54 @@ def test_export_csv_and_a_filtered_export(cli, tmp_path: Path) -> None:
         (["jobs", "priority", "x", "high"], "PRIORITY"),
         (["audit", "export", "--since", "last tuesday"], "--since"),
         (["audit", "export", "--until", "nan"], "must be a finite time"),
+        (["audit", "export", "--until", "99999999999999999999"], "between the years 1 and 9999"),
+        (["audit", "export", "-o", "/tmp"], "it is a directory"),
+        (["jobs", "submit", "quick", "--estimated-cost", "nan"], "not a finite number"),
+        (["queue", "limits", "--approval-cost-threshold", "inf"], "not a finite number"),
+        (["--timeout", "inf", "jobs", "list"], "--timeout"),
+        # bytes that are not UTF-8 text, as a shell passes them (Python keeps surrogates)
+        (["jobs", "explain", "\udcff"], "not valid UTF-8"),
+        (["jobs", "submit", "quick", "--label", "k=\udcff"], "not valid UTF-8"),
+        (["audit", "export", "--job-id", "\udcff"], "not valid UTF-8"),
+        # an id is one path segment: `?` or `/` in it reaches no other route
+        (["jobs", "logs", "?tail=1"], "not found (404)"),
+        (["jobs", "cancel", "a/b"], "not found (404)"),
+        (["jobs", "cancel", ""], "cannot be empty"),
         (["queue", "cleanup", "--days", "0"], "--days"),
         (["nosuchcommand"], "nosuchcommand"),
     ],
 )
 def test_error_paths_are_one_line(cli, args: list[str], says: str) -> None:
     assert says in one_error_line(cli(*args))
+
+
+def test_an_answer_that_is_not_json_is_one_line(server) -> None:
+    # a query in --server swallows the path: the server answers its HTML panel
+    line = one_error_line(gpuyard("--server", server.url + "?x=1", "jobs", "list"))
+    assert "not JSON" in line and "gpuyard server" in line
+
+
+def test_export_into_a_pipe_or_through_a_symlink_keeps_them(cli, tmp_path: Path) -> None:
+    """-o into a FIFO writes into it (never replaces it with a file); a symlink stays a
+    link and the file it names gets the export."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    piped = cli("audit", "export", "-o", str(fifo))
+    reader.join(timeout=30)
+    if reader.is_alive():  # nothing wrote into the pipe: open it once so the reader ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert piped.returncode == 0, piped.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert received and received[0].startswith(b'{"seq":1,')
+    target, link = tmp_path / "export.jsonl", tmp_path / "latest.jsonl"
+    target.write_text("old")
+    link.symlink_to(target)
+    linked = cli("audit", "export", "-o", str(link))
+    assert linked.returncode == 0, linked.stderr
+    assert link.is_symlink() and target.read_bytes().startswith(b'{"seq":1,')
 
 
 def test_server_down_is_one_line() -> None:
