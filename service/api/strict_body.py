@@ -61,6 +61,8 @@ def _refuse_if_malformed(body: bytes) -> None:
     """A body that is not JSON is a 400 (:class:`MalformedBody`), whatever else is wrong."""
     try:
         msgspec.json.decode(body)
+    except msgspec.ValidationError:  # well-formed, with a number no value can hold: a 422
+        return
     except msgspec.DecodeError as exc:
         raise MalformedBody(str(exc)) from None
     except UnicodeDecodeError:  # msgspec's answer to bad bytes inside a string

@@ -222,6 +222,22 @@ async def test_a_string_that_is_not_utf8_is_400(api, method, path, raw) -> None:
     assert api.state.last_seq == before
 
 
+@pytest.mark.parametrize(("path", "raw"), [
+    ("/api/queue/submit", b'{"config_name": "cpu", "metadata": {"a": 1e400}}'),
+    ("/api/queue/submit", b'{"config_name": "cpu", "estimated_cost": 1e400}'),
+    ("/api/queue/concurrency", b'{"max_concurrent": ' + b"9" * 5000 + b"}"),
+])
+async def test_a_number_too_large_for_any_value_is_422(api, path, raw) -> None:
+    """Well-formed JSON, so not a 400: an invalid value (SPEC section 7), and nothing
+    is written."""
+    before = api.state.last_seq
+    response = await api.client.post(path, content=raw,
+                                     headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert "out of range" in response.json()["detail"]
+    assert api.state.last_seq == before
+
+
 @pytest.mark.parametrize("path", ["/api/queue/submit", "/api/queue/concurrency"])
 async def test_json_nested_too_deeply_is_400(api, path) -> None:
     depth = 100_000  # well under 1 MiB, far deeper than any decoder recurses
