@@ -27,7 +27,8 @@ from service.commands import ConfigSpec, InvalidRequest, UnknownConfig
 __all__ = ["ConfigStore", "check_config", "check_name", "config_to_toml", "NAME_RULE"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-NAME_RULE = "1-100 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+NAME_RULE = ("1-100 characters: letters, digits, '.', '_' or '-', starting with a letter or "
+             "digit, and not ending in '.toml'")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 

@@ -67,6 +67,7 @@ async def test_put_writes_toml_that_reads_back_and_submits(api, data_dir) -> Non
     ("ok", {"num_processes": 1}, "command"),
     (".hidden", {"command": ["x"]}, "not valid"),
     ("a" * 101, {"command": ["x"]}, "not valid"),
+    ("x.toml", {"command": ["x"]}, "not ending in '.toml'"),  # the rule names why
 ])
 async def test_bad_configs_are_422(api, data_dir, name, body, words) -> None:
     response = await api.client.put(f"/api/configs/{name}", json=body)
