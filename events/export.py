@@ -54,6 +54,14 @@ def csv_cells(row: Row) -> list[object]:
 
 def row_from_export(line: dict[str, Any]) -> Row:
     """Rebuild the stored row from an exported line (``ValueError`` if malformed)."""
+    missing = [name for name in FIELDS if name not in line]
+    if missing:
+        raise ValueError(f"malformed export line: it lacks {', '.join(map(repr, missing))}")
+    try:
+        digest = bytes.fromhex(line["hash"])
+    except (TypeError, ValueError):
+        raise ValueError(f"malformed export line: its hash {line['hash']!r} is not "
+                         "hexadecimal") from None
     try:
         data = line["data"]
         if isinstance(data, str):  # CSV carries data as a JSON string
@@ -67,7 +75,7 @@ def row_from_export(line: dict[str, Any]) -> Row:
             line["correlation_id"] or None,
             int(cause) if cause not in (None, "") else None,
             canonical_json(data),
-            bytes.fromhex(line["hash"]),
+            digest,
         )
     except (KeyError, TypeError, ValueError, msgspec.DecodeError) as exc:
         raise ValueError(f"malformed export line: {exc}") from exc

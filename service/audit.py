@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -48,6 +49,19 @@ _CSV_FIELD_LIMIT = 64 * 1024 * 1024
 
 class AuditError(Exception):
     """The file is not a log or an export that can be read (it names where, and why)."""
+
+
+class BadLine(AuditError):
+    """An export line that cannot be read back as a stored row. ``seq`` is the one the
+    line names, when that much of it can still be read."""
+
+    def __init__(self, path: str | Path, number: int, why: str, seq: int | None) -> None:
+        super().__init__(f"{path} line {number}: {why}")
+        self.seq = seq
+        self.unreadable = f"line {number} cannot be read back: {why}"
+
+
+_SEQ_IN_LINE = re.compile(r'"seq"\s*:\s*(\d+)')
 
 
 class Verified(msgspec.Struct, frozen=True, kw_only=True):
@@ -106,7 +120,8 @@ def _jsonl_rows(handle: IO[str], path: str | Path) -> Iterator[Row]:
         try:
             yield row_from_export(decoder.decode(line))
         except (msgspec.DecodeError, ValueError) as exc:
-            raise AuditError(f"{path} line {number}: {_why(exc)}") from exc
+            named = _SEQ_IN_LINE.search(line)
+            raise BadLine(path, number, _why(exc), int(named[1]) if named else None) from exc
 
 
 def _csv_rows(handle: IO[str], path: str | Path) -> Iterator[Row]:
@@ -120,7 +135,9 @@ def _csv_rows(handle: IO[str], path: str | Path) -> Iterator[Row]:
         try:
             yield row_from_export(record)
         except ValueError as exc:
-            raise AuditError(f"{path} line {reader.line_num}: {_why(exc)}") from exc
+            named = str(record.get("seq") or "").strip()
+            seq = int(named) if named.isdigit() else None
+            raise BadLine(path, reader.line_num, _why(exc), seq) from exc
         except csv.Error as exc:  # pragma: no cover - a torn quote at the very end
             raise AuditError(f"{path} line {reader.line_num}: {exc}") from exc
 
@@ -193,7 +210,13 @@ def verify_file(path: str | Path) -> Verified:
     for a file that cannot be read as either, or :class:`LogError` for a damaged database.
     """
     tail = _Tail(source_rows(path))
-    count = verify_rows(iter(tail))
+    try:
+        count = verify_rows(iter(tail))
+    except BadLine as exc:
+        # a whole chain has no gaps: whatever that line was, the event after the last good
+        # one is not there intact
+        after = tail.last[0] if tail.last else 0
+        raise ChainBroken(after + 1, exc.unreadable) from exc
     return tail.verified(count)
 
 
@@ -208,18 +231,25 @@ def verify_partial(path: str | Path) -> Verified:
     prev_seq: int | None = None
     prev_hash = GENESIS_HASH
     count = trusted = 0
-    for seq, at, type_, actor, corr, cause, data, digest in tail:
-        if prev_seq is not None and seq <= prev_seq:
-            raise ChainBroken(seq, f"seq {seq} comes after seq {prev_seq}: lines are out of order")
-        linked = seq == 1 or seq - 1 == prev_seq
-        if linked:
-            canonical = canonical_bytes(seq, at, type_, actor, corr, cause, data)
-            if chain_hash(prev_hash if seq > 1 else GENESIS_HASH, canonical) != digest:
-                raise ChainBroken(seq, "stored hash does not match its contents")
-        else:
-            trusted += 1
-        prev_seq, prev_hash = seq, bytes(digest)
-        count += 1
+    try:
+        for seq, at, type_, actor, corr, cause, data, digest in tail:
+            if prev_seq is not None and seq <= prev_seq:
+                raise ChainBroken(
+                    seq, f"seq {seq} comes after seq {prev_seq}: lines are out of order")
+            linked = seq == 1 or seq - 1 == prev_seq
+            if linked:
+                canonical = canonical_bytes(seq, at, type_, actor, corr, cause, data)
+                if chain_hash(prev_hash if seq > 1 else GENESIS_HASH, canonical) != digest:
+                    raise ChainBroken(seq, "stored hash does not match its contents")
+            else:
+                trusted += 1
+            prev_seq, prev_hash = seq, bytes(digest)
+            count += 1
+    except BadLine as exc:
+        if exc.seq is None:  # which event it held cannot be told
+            after = f"the line after seq {prev_seq}" if prev_seq is not None else "the first line"
+            raise AuditError(f"{exc} ({after})") from exc
+        raise ChainBroken(exc.seq, exc.unreadable) from exc
     return tail.verified(count, trusted)
 
 

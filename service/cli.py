@@ -819,7 +819,9 @@ def audit_verify(export: str | None, db_path: str | None, partial: bool) -> None
     try:
         result = _guard_files(lambda: (verify_partial if partial else verify_file)(path))
     except ChainBroken as exc:
-        raise Failure(f"{path}: {exc} (the first bad event is seq {exc.seq})") from None
+        hint = ("; an export filtered by --since, --job ... is checked with --partial"
+                if not partial and exc.seq == 1 and "is missing" in exc.why else "")
+        raise Failure(f"{path}: {exc} (the first bad event is seq {exc.seq}){hint}") from None
     if result.count == 0:
         click.echo(f"ok: {path} holds no events")
         return

@@ -117,20 +117,94 @@ def test_a_filtered_export_checks_the_links_it_holds(day_db: Path, tmp_path: Pat
     assert (result.count, result.trusted) == (len(lines) - 40, 1)
     with pytest.raises(ChainBroken):
         verify_file(later)  # as a whole chain it lacks its start
+    line = one_error_line(gpuyard("audit", "verify", str(later)))
+    assert "seq 1 is missing" in line and "--partial" in line  # the way to check it
+    assert gpuyard("audit", "verify", "--partial", str(later)).returncode == 0
     lines[50]["data"]["job_id"] = "job999"
     with pytest.raises(ChainBroken) as broken:
         verify_partial(_write_lines(tmp_path / "bad.jsonl", lines[40:]))
     assert broken.value.seq == 51
 
 
-def test_a_malformed_line_is_named(tmp_path: Path, day_db: Path) -> None:
-    export = _export(day_db, tmp_path / "audit.jsonl")
+# one-byte (or few-byte) edits that leave line 4 (seq 4) unreadable as an export line
+UNREADABLE_EDITS = [
+    pytest.param(lambda line: line[:-2], "JSON is malformed", id="cut-short"),
+    pytest.param(lambda line: line.replace('"at":', '"at" ', 1), "JSON is malformed",
+                 id="colon-lost"),
+    pytest.param(lambda line: line.replace('"data":', '"dat4":', 1), "lacks 'data'",
+                 id="key-renamed"),
+    pytest.param(lambda line: line.replace('"hash":"', '"hash":"q', 1), "not hexadecimal",
+                 id="hash-not-hex"),
+    pytest.param(lambda line: line.replace('"at":', '"at":"soon","x":', 1), "'soon'",
+                 id="at-not-a-number"),
+]
+
+
+def _edit_line(export: Path, dest: Path, index: int, edit: object) -> Path:
     text = export.read_text().splitlines()
-    text[3] = '{"seq": 4, "at": "soon"'
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text("\n".join(text) + "\n")
-    with pytest.raises(AuditError, match="line 4"):
+    text[index] = edit(text[index])  # type: ignore[operator]
+    dest.write_text("\n".join(text) + "\n")
+    return dest
+
+
+@pytest.mark.parametrize(("edit", "why"), UNREADABLE_EDITS)
+def test_an_unreadable_line_is_named_by_its_line_and_seq(
+    tmp_path: Path, day_db: Path, edit: object, why: str
+) -> None:
+    """SPEC section 10: verify names the first bad seq, also when the damage leaves the
+    line unreadable rather than merely mis-hashed."""
+    broken = _edit_line(_export(day_db, tmp_path / "audit.jsonl"), tmp_path / "b.jsonl", 3, edit)
+    with pytest.raises(ChainBroken) as whole:
         verify_file(broken)
+    assert whole.value.seq == 4
+    assert "line 4 cannot be read back" in str(whole.value) and why in str(whole.value)
+    line = one_error_line(gpuyard("audit", "verify", str(broken)))
+    assert "the first bad event is seq 4" in line and why in line
+
+
+@pytest.mark.parametrize(("edit", "why"), UNREADABLE_EDITS)
+def test_a_filtered_export_names_an_unreadable_line_by_the_seq_it_holds(
+    tmp_path: Path, day_db: Path, edit: object, why: str
+) -> None:
+    """A filtered export has gaps, so the seq is the one the line itself still names."""
+    lines = _export(day_db, tmp_path / "audit.jsonl").read_text().splitlines()
+    later = tmp_path / "later.jsonl"
+    later.write_text("\n".join(lines[20:]) + "\n")  # seq 21 on; line 4 holds seq 24
+    broken = _edit_line(later, tmp_path / "b.jsonl", 3, edit)
+    with pytest.raises(ChainBroken) as partial:
+        verify_partial(broken)
+    assert partial.value.seq == 24 and why in str(partial.value)
+
+
+def test_a_line_whose_seq_cannot_be_read_is_placed_after_the_last_good_one(
+    tmp_path: Path, day_db: Path
+) -> None:
+    lines = _export(day_db, tmp_path / "audit.jsonl").read_text().splitlines()
+    later = tmp_path / "later.jsonl"
+    later.write_text("\n".join(lines[20:]) + "\n")
+    broken = _edit_line(later, tmp_path / "b.jsonl", 3, lambda line: "{" + line[20:])
+    with pytest.raises(AuditError, match=r"line 4: .*\(the line after seq 23\)"):
+        verify_partial(broken)
+    with pytest.raises(ChainBroken) as whole:  # as a whole chain it lacks seq 1 first
+        verify_file(broken)
+    assert whole.value.seq == 1
+
+
+def test_a_csv_line_that_cannot_be_read_is_named_by_its_seq(
+    tmp_path: Path, day_db: Path
+) -> None:
+    export = _export(day_db, tmp_path / "audit.csv", "csv")
+    rows = list(csv.reader(io.StringIO(export.read_text())))
+    rows[5][7] = "zz" + rows[5][7][2:]  # seq 5's hash (the header is row 0)
+    broken = tmp_path / "b.csv"
+    with open(broken, "w", newline="") as out:
+        csv.writer(out).writerows(rows)
+    with pytest.raises(ChainBroken) as whole:
+        verify_file(broken)
+    assert whole.value.seq == 5 and "not hexadecimal" in str(whole.value)
+    with pytest.raises(ChainBroken) as partial:
+        verify_partial(broken)
+    assert partial.value.seq == 5
 
 
 # ---------------------------------------------------------------- the CLI
