@@ -58,7 +58,21 @@ from events.types import (
 )
 from projections.state import STATUSES, JobEntry, QueueState, Status, Token, User
 
-__all__ = ["apply", "apply_event", "fold", "fold_batches", "index_all"]
+__all__ = ["EventDoesNotFit", "apply", "apply_event", "fold", "fold_batches", "index_all"]
+
+class EventDoesNotFit(Exception):
+    """An event that does not agree with the events before it (a job dispatched that was
+    never submitted, say). The engine never writes one: only an altered log, read without
+    verifying its chain, holds one. ``seq`` names it; ``CAUSES`` are what a fold raises
+    on such an event."""
+
+    CAUSES = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+
+    def __init__(self, seq: int, event: AnyEvent, cause: Exception) -> None:
+        tag = event.__struct_config__.tag
+        super().__init__(f"seq {seq} ({tag}) does not follow from the events before it "
+                         f"({type(cause).__name__}: {cause})")
+        self.seq = seq
 
 
 @contextmanager
@@ -95,8 +109,11 @@ def fold_batches(
     last = None
     with paused_gc():
         for batch in batches:
-            for seq, at, event in batch:
-                folds[type(event)](state, event, seq, at)
+            try:
+                for seq, at, event in batch:
+                    folds[type(event)](state, event, seq, at)
+            except EventDoesNotFit.CAUSES as exc:
+                raise EventDoesNotFit(seq, event, exc) from exc
             if batch:
                 last = batch[-1]
         if last is not None:  # no fold reads these, so they are set once, at the end
@@ -106,8 +123,11 @@ def fold_batches(
 
 
 def apply(state: QueueState, recorded: Recorded) -> QueueState:
-    """Fold one recorded event into ``state``."""
-    apply_event(state, recorded.event, recorded.seq, recorded.at)
+    """Fold one recorded event into ``state`` (:class:`EventDoesNotFit` if it cannot)."""
+    try:
+        apply_event(state, recorded.event, recorded.seq, recorded.at)
+    except EventDoesNotFit.CAUSES as exc:
+        raise EventDoesNotFit(recorded.seq, recorded.event, exc) from exc
     return state
 
 

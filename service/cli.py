@@ -945,6 +945,7 @@ def replay(db_path: str, until_seq: int | None, until: str | None, explain_job: 
            check: bool, what_if: tuple[str, ...], more_settings: tuple[str, ...],
            no_verify: bool, fmt: str) -> int:
     """The replay debugger: the queue as it was, and what the scheduler would do."""
+    from projections.fold import EventDoesNotFit
     from service import replay as debugger
     from service.audit import ChainBroken, read_records, source_rows
 
@@ -984,6 +985,10 @@ def replay(db_path: str, until_seq: int | None, until: str | None, explain_job: 
     except ChainBroken as exc:
         raise Failure(f"{db_path}: {exc}; replay stops here (verify with `gpuyard audit "
                       "verify`, or give --no-verify to replay it anyway)") from None
+    except EventDoesNotFit as exc:
+        # only an altered log read with --no-verify holds one: say where, not a KeyError
+        raise Failure(f"{db_path}: {exc}, so the log was altered; replay stops here "
+                      "(`gpuyard audit verify` names the first bad event)") from None
 
     from service import replay_output
 

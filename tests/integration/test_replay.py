@@ -296,6 +296,26 @@ def test_replay_refuses_a_broken_chain_unless_told(day_db: Path, tmp_path: Path)
     assert forced.returncode == 0, forced.stderr
 
 
+@pytest.mark.parametrize("mode", [[], ["--check"], ["--what-if", "max_concurrent=9"]])
+def test_an_unverified_log_whose_events_disagree_is_named_in_one_line(
+    day_db: Path, tmp_path: Path, mode: list[str]
+) -> None:
+    """--no-verify replays an altered log as far as its events agree; where they stop
+    agreeing (a job dispatched that was never submitted) is one line naming the seq."""
+    from service.audit import write_export
+
+    export = tmp_path / "day.jsonl"
+    with open(export, "wb") as out:
+        write_export(source_rows(day_db), out)
+    lines = [json.loads(line) for line in export.read_text().splitlines()]
+    dispatched = next(line for line in lines if line["type"] == "job.dispatched")
+    dispatched["data"]["job_id"] = "nosuchjob"
+    export.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    line = one_error_line(gpuyard("replay", "--db", str(export), "--no-verify", *mode))
+    assert f"seq {dispatched['seq']} (job.dispatched) does not follow" in line
+    assert "altered" in line and "audit verify" in line
+
+
 @pytest.mark.parametrize(
     "args",
     [
