@@ -995,8 +995,9 @@ def replay(db_path: str, until_seq: int | None, until: str | None, explain_job: 
     if check:
         replay_output.show_check(result, fmt)
         if result.differences:
-            click.echo(f"gpuyard: {len(result.differences)} scheduling decisions differ from "
-                       "the recorded ones", err=True)
+            differ = "differs" if len(result.differences) == 1 else "differ"
+            click.echo(f"gpuyard: {plural(len(result.differences), 'scheduling decision')} "
+                       f"{differ} from what was recorded", err=True)
             return 1
         return 0
     if what_if:

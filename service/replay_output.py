@@ -91,7 +91,7 @@ def show_check(report: CheckReport, fmt: str) -> None:
     rows = [
         {
             "seq": d.seq,
-            "at": d.at,
+            "at": f"{when(d.at)} UTC",
             "kind": d.kind,
             "recorded": _dispatches(d.recorded),
             "decided": _dispatches(d.decided),
@@ -101,7 +101,7 @@ def show_check(report: CheckReport, fmt: str) -> None:
     console().print(table(rows, ["seq", "at", "kind", "recorded", "decided"],
                           headers=["seq", "at", "kind", "recorded (job[gpus])",
                                    "scheduler now decides"],
-                          title=f"{len(rows)} differences"))
+                          title=plural(len(rows), "difference")))
 
 
 def _wait(summary: WaitSummary, key: str) -> str:

@@ -4,6 +4,7 @@ and the recorded fixtures in ``fixtures/``."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,14 @@ def test_cli_check_exit_status(day_db: Path, tmp_path: Path) -> None:
     bad = gpuyard("replay", "--db", str(write_log(world, tmp_path / "bad.db")), "--check")
     assert bad.returncode == 1
     assert "second[1]" in bad.stdout and "first[0]" in bad.stdout
+    assert "1970-01-01 00:00:12 UTC" in bad.stdout  # times read as times, as elsewhere
     assert len(bad.stderr.strip().splitlines()) == 1
+    once = World(gpu_count=1)
+    once.submit(ALICE, "never", now=10.0, num_processes=1)  # and no pass ran
+    missed = gpuyard("replay", "--db", str(write_log(once, tmp_path / "missed.db")), "--check")
+    assert missed.returncode == 1
+    assert re.search(r"^ *1 difference *$", missed.stdout, re.MULTILINE), missed.stdout
+    assert missed.stderr == "gpuyard: 1 scheduling decision differs from what was recorded\n"
 
 
 @pytest.mark.parametrize("log", FIXTURE_LOGS, ids=[p.name for p in FIXTURE_LOGS])
