@@ -69,6 +69,9 @@ def main() -> None:
     """Entry point: run the CLI, turning every user error into one stderr line."""
     try:
         result = cli.main(prog_name="gpuyard", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # `gpuyard jobs` alone: its help
+        click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+        sys.exit(0)
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else "gpuyard"
         _fail(f"{exc.format_message()} (see `{where} --help`)", 2)

@@ -457,6 +457,16 @@ def test_export_into_a_pipe_or_through_a_symlink_keeps_them(cli, tmp_path: Path)
     assert link.is_symlink() and target.read_bytes().startswith(b'{"seq":1,')
 
 
+@pytest.mark.parametrize("group", [[], ["jobs"], ["queue"], ["users"], ["audit"]])
+def test_a_group_alone_shows_its_help_as_help_does(group: list[str]) -> None:
+    """`gpuyard jobs` with no command is a request for help, not an error squeezed into
+    one line."""
+    alone, asked = gpuyard(*group), gpuyard(*group, "--help")
+    assert alone.returncode == 0 and alone.stderr == "", alone.stderr
+    assert alone.stdout == asked.stdout and alone.stdout.startswith("Usage: gpuyard")
+    assert "Commands:" in alone.stdout
+
+
 def test_server_down_is_one_line() -> None:
     down = f"http://127.0.0.1:{free_port()}"
     for args in (["jobs", "list"], ["audit", "export", "-o", "/tmp/never.jsonl"]):
