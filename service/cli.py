@@ -192,8 +192,11 @@ def _parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
     return labels
 
 
-def _gpus(value: Any) -> str:
-    return ", ".join(str(index) for index in value) if value else "none"
+def _on_gpus(value: Any) -> str:
+    """Where a job runs: "on GPU 0", "on GPUs 0, 1", "on no GPU" (a CPU-only job)."""
+    if not value:
+        return "on no GPU (CPU only)"
+    return f"on {'GPU' if len(value) == 1 else 'GPUs'} {', '.join(str(index) for index in value)}"
 
 
 # ---------------------------------------------------------------- jobs
@@ -254,8 +257,8 @@ def jobs_submit(ctx: click.Context, config: str, no_wait: bool, any_gpu: bool, d
         return 0
     if dry_run:
         if status == "running":
-            click.echo(f"dry run: {config} would start now on GPUs "
-                       f"{_gpus(answer.get('allocated_gpus'))}")
+            click.echo(f"dry run: {config} would start now "
+                       f"{_on_gpus(answer.get('allocated_gpus'))}")
         elif status == "queued":
             where = answer.get("queue_position")
             at = f" at position {where}" if where else ""
@@ -271,7 +274,7 @@ def jobs_submit(ctx: click.Context, config: str, no_wait: bool, any_gpu: bool, d
         raise Failure(f"{config} was not submitted: it cannot start now and --no-wait was "
                       f"given{because}")
     if status == "running":
-        click.echo(f"job {job_id}: running on GPUs {_gpus(answer.get('allocated_gpus'))}")
+        click.echo(f"job {job_id}: running {_on_gpus(answer.get('allocated_gpus'))}")
     elif status == "queued":
         click.echo(f"job {job_id}: queued at position {answer.get('queue_position')}")
     elif status == "blocked":
@@ -599,8 +602,9 @@ def queue_process(ctx: click.Context) -> None:
 def queue_cleanup(ctx: click.Context, days: int) -> None:
     """Remove old finished entries from the queue view (the log keeps them; admin)."""
     answer = _api(ctx).post("/api/queue/cleanup", days=days)
-    click.echo(f"removed {answer.get('deleted')} finished entries older than {days} days "
-               "from the queue view (the audit log keeps every event)")
+    removed = plural(int(answer.get("deleted") or 0), "finished entry", "finished entries")
+    click.echo(f"removed {removed} older than {plural(days, 'day')} from the queue view "
+               "(the audit log keeps every event)")
 
 
 # ---------------------------------------------------------------- users

@@ -41,6 +41,7 @@ from events.types import (
 )
 from projections.state import TERMINAL, JobEntry, QueueState
 from service.scheduler import Placement, never_fits, position, probe
+from service.wording import plural
 
 __all__ = [
     "DomainError", "UnknownJob", "UnknownUser", "UnknownConfig", "WrongState", "NotAllowed",
@@ -428,8 +429,9 @@ def resolve_spec(command: Submit, state: QueueState) -> JobSpec:
     if need < 0:
         raise InvalidRequest(f"num_processes must be 0 or more, not {need}")
     if device_ids and not command.any_gpu and len(device_ids) != need:
-        raise InvalidRequest(f"num_processes is {need} but device_ids names {len(device_ids)} "
-                             "GPUs; give as many device_ids as processes, or set any_gpu")
+        raise InvalidRequest(f"num_processes is {need} but device_ids names "
+                             f"{plural(len(device_ids), 'GPU')}; give as many device_ids as "
+                             "processes, or set any_gpu")
     why = never_fits(state, need, tuple(device_ids or ()))  # SPEC 4: even with any_gpu
     if why is not None:
         raise InvalidRequest(f"this job could never start: {why}")

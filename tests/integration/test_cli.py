@@ -92,7 +92,7 @@ def test_submit_then_list_as_table_and_json_with_a_nested_field(cli, server) -> 
     submitted = cli("jobs", "submit", "quick", "--label", "run_name=lr-3e-4", "--label",
                     "sweep=a")
     assert submitted.returncode == 0, submitted.stderr
-    assert submitted.stdout.startswith("job ") and "running on GPUs 0" in submitted.stdout
+    assert submitted.stdout.startswith("job ") and "running on GPU 0" in submitted.stdout
     job_id = submitted.stdout.split()[1].rstrip(":")
 
     listed = cli("jobs", "list", "--format", "json", "-o", "job_id,status,metadata.run_name")
@@ -163,8 +163,11 @@ def test_a_waiting_job_explain_dry_run_cancel(cli, server) -> None:
 def test_dry_run_that_would_start_names_the_gpus(cli, server) -> None:
     dry = cli("jobs", "submit", "quick", "--dry-run", "--device-ids", "2")
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.splitlines() == ["dry run: quick would start now on GPUs 2",
+    assert dry.stdout.splitlines() == ["dry run: quick would start now on GPU 2",
                                        "nothing was submitted"]
+    cpu = cli("jobs", "submit", "quick", "--dry-run", "--num-processes", "0")
+    assert cpu.returncode == 0, cpu.stderr
+    assert cpu.stdout.splitlines()[0] == "dry run: quick would start now on no GPU (CPU only)"
 
 
 def test_cancel_several_and_cancel_all(cli, server) -> None:
@@ -327,7 +330,7 @@ def test_queue_limits_process_cleanup(tmp_path: Path) -> None:
 
         cleaned = cli("queue", "cleanup", "--days", "30")
         assert cleaned.returncode == 0, cleaned.stderr
-        assert cleaned.stdout.startswith("removed 1 finished entries older than 30 days")
+        assert cleaned.stdout.startswith("removed 1 finished entry older than 30 days")
         assert httpx.get(f"{url}/api/queue/oldjob000001").status_code == 404
         listed = httpx.get(url + "/api/queue", params={"include_completed": "true"}).json()
         assert "oldjob000001" not in {e["job_id"] for e in listed["entries"]}

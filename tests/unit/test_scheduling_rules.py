@@ -539,7 +539,8 @@ def test_a_count_and_device_ids_that_disagree_are_refused(
     in_config: dict[str, Any], in_body: dict[str, Any]
 ) -> None:
     world = World(4)
-    with pytest.raises(InvalidRequest, match="as many device_ids as processes"):
+    with pytest.raises(InvalidRequest, match="as many device_ids as processes") as refused:
         world.do(Submit(job_id="j", config_name="train", config=config(**in_config), **in_body),
                  ALICE, now=1.0)
+    assert "num_processes is 2 but device_ids names 1 GPU;" in str(refused.value)
     assert "j" not in world.state.jobs
