@@ -310,6 +310,11 @@ def jobs_list(ctx: click.Context, fields: str | None, fmt: str, status: str | No
     columns = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
     if fields is not None and not columns:
         raise click.BadParameter("give at least one field", param_hint="-o")
+    unknown = [c for c in columns or () if entries and all(c.split(".")[0] not in e
+                                                            for e in entries)]
+    if unknown:  # a typo, not a column of nulls (a missing *nested* key is only missing)
+        raise click.BadParameter(f"no queue entry has a field {', '.join(map(repr, unknown))}; "
+                                 f"the fields are {', '.join(entries[0])}", param_hint="-o")
     if fmt == "json":
         if columns is None:
             _json(entries)

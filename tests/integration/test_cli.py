@@ -110,6 +110,12 @@ def test_submit_then_list_as_table_and_json_with_a_nested_field(cli, server) -> 
     full = json.loads(cli("jobs", "list", "--format", "json").stdout)
     assert {"job_id", "status", "metadata", "allocated_gpus"} <= set(full[0])
 
+    absent = json.loads(cli("jobs", "list", "--format", "json", "-o", "job_id,metadata.nope")
+                        .stdout)  # a nested key a job lacks is only missing
+    assert {row["metadata.nope"] for row in absent} == {None}
+    typo = one_error_line(cli("jobs", "list", "-o", "job_id,statsu"))
+    assert "'statsu'" in typo and "status" in typo
+
 
 def test_logs_follow_until_the_job_ends(cli, server) -> None:
     job_id = _job_id(cli("jobs", "submit", "quick", "--format", "json"))
