@@ -547,7 +547,7 @@ _LIMIT_OPTIONS: list[tuple[str, str, Any, str]] = [
      "Jobs costing more wait for approval."),
     ("approval_timeout_hours", "--approval-timeout-hours", Finite(min=0, min_open=True),
      "Blocked jobs older than this are rejected."),
-    ("cancel_grace_seconds", "--cancel-grace-seconds", Finite(min=0, max=3600),
+    ("cancel_grace_seconds", "--cancel-grace-seconds", Finite(min=0),  # the server's max
      "Seconds between SIGTERM and SIGKILL."),
 ]
 

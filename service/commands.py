@@ -57,6 +57,8 @@ MAX_METADATA_BYTES = 64 * 1024
 # Aging divides the wait by the threshold: a vanishing threshold would make that quotient
 # overflow (a float too large for an int) and stop every scheduling pass.
 MIN_STARVATION_THRESHOLD_MINUTES = 0.001
+# a cancel waits this long at most for SIGTERM to work before SIGKILL
+MAX_CANCEL_GRACE_SECONDS = 3600
 LEVELS: tuple[Level, ...] = ("admin", "lead", "researcher", "viewer")
 
 
@@ -616,8 +618,13 @@ def validated_settings(current: Settings, changes: dict[str, Any]) -> Settings:
             number(name, value, MIN_STARVATION_THRESHOLD_MINUTES, strict=False)
         elif name == "approval_timeout_hours":
             number(name, value, 0, strict=True)
-        elif name in ("approval_cost_threshold", "cancel_grace_seconds"):
+        elif name == "approval_cost_threshold":
             number(name, value, 0, strict=False)
+        elif name == "cancel_grace_seconds":
+            number(name, value, 0, strict=False)
+            if value > MAX_CANCEL_GRACE_SECONDS:
+                raise InvalidRequest(f"cancel_grace_seconds must be at most "
+                                     f"{MAX_CANCEL_GRACE_SECONDS}, not {value!r}")
     return msgspec.structs.replace(current, **changes)
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
-from service.commands import MIN_STARVATION_THRESHOLD_MINUTES
+from service.commands import MAX_CANCEL_GRACE_SECONDS, MIN_STARVATION_THRESHOLD_MINUTES
 
 __all__ = [
     "ErrorBody", "SubmitRequest", "SubmitResponse", "QueueEntry", "QueueListing", "StatsResponse",
@@ -249,7 +249,8 @@ class ConcurrencyUpdate(Struct, kw_only=True, forbid_unknown_fields=True):
     starvation_boost: NonNegative | UnsetType = UNSET
     approval_cost_threshold: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
     approval_timeout_hours: Annotated[float, Meta(gt=0)] | UnsetType = UNSET
-    cancel_grace_seconds: Annotated[float, Meta(ge=0, le=3600)] | UnsetType = UNSET
+    cancel_grace_seconds: (
+        Annotated[float, Meta(ge=0, le=MAX_CANCEL_GRACE_SECONDS)] | UnsetType) = UNSET
 
 
 class ProcessResponse(Struct, kw_only=True):

@@ -333,6 +333,7 @@ def test_an_unverified_log_whose_events_disagree_is_named_in_one_line(
         ["replay", "--db", "{db}", "--check", "--what-if", "max_concurrent=2"],
         ["replay", "--db", "{db}", "max_concurrent=2"],
         ["replay", "--db", "{db}", "--what-if", "max_concurrent=zero"],
+        ["replay", "--db", "{db}", "--what-if", "cancel_grace_seconds=99999"],  # as POST
         ["replay", "--db", "{db}", "--explain", "nope"],
         ["replay", "--db", "{db}", "--until", "yesterday-ish"],
     ],

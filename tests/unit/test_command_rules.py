@@ -458,6 +458,8 @@ def test_priority_override_reorders_the_queue_and_same_value_writes_nothing() ->
         pytest.param({"starvation_boost": 2.5}, id="boost-fraction"),
         pytest.param({"approval_cost_threshold": -0.01}, id="cost-threshold-negative"),
         pytest.param({"approval_timeout_hours": 0}, id="timeout-0"),
+        pytest.param({"cancel_grace_seconds": -1}, id="grace-negative"),
+        pytest.param({"cancel_grace_seconds": 3600.5}, id="grace-over-an-hour"),
         pytest.param({"enable_fair_share": "yes"}, id="fair-share-not-bool"),
         pytest.param({"enable_fair_share": 1}, id="fair-share-int"),
         pytest.param({"max_concurrent": None}, id="max-concurrent-null"),
