@@ -586,6 +586,14 @@ _POSITIVE_INTS = (
 )
 
 
+def _as_json(value: Any) -> str:
+    """A value as the person wrote it in JSON (or as --what-if took it): true, null, "2"."""
+    try:
+        return msgspec.json.encode(value).decode()
+    except (TypeError, msgspec.EncodeError):
+        return repr(value)
+
+
 def validated_settings(current: Settings, changes: dict[str, Any]) -> Settings:
     """Apply ``changes`` to ``current``; every value is checked (limits are 1 or more)."""
     known = set(Settings.__struct_fields__)
@@ -595,13 +603,13 @@ def validated_settings(current: Settings, changes: dict[str, Any]) -> Settings:
 
     def whole(name: str, value: Any, low: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InvalidRequest(f"{name} must be a whole number of {low} or more, not {value!r}")
+            raise InvalidRequest(f"{name} must be a whole number of {low} or more, not {_as_json(value)}")
 
     def number(name: str, value: Any, low: float, strict: bool) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok or value < low or (strict and value == low):
             bound = f"more than {low:g}" if strict else f"{low:g} or more"
-            raise InvalidRequest(f"{name} must be a number {bound}, not {value!r}")
+            raise InvalidRequest(f"{name} must be a number {bound}, not {_as_json(value)}")
 
     for name, value in changes.items():
         if name in _POSITIVE_INTS:
@@ -611,7 +619,7 @@ def validated_settings(current: Settings, changes: dict[str, Any]) -> Settings:
                 whole(name, value, 1)
         elif name == "enable_fair_share":
             if not isinstance(value, bool):
-                raise InvalidRequest(f"enable_fair_share must be true or false, not {value!r}")
+                raise InvalidRequest(f"enable_fair_share must be true or false, not {_as_json(value)}")
         elif name == "starvation_boost":
             whole(name, value, 0)
         elif name == "starvation_threshold_minutes":
@@ -624,7 +632,7 @@ def validated_settings(current: Settings, changes: dict[str, Any]) -> Settings:
             number(name, value, 0, strict=False)
             if value > MAX_CANCEL_GRACE_SECONDS:
                 raise InvalidRequest(f"cancel_grace_seconds must be at most "
-                                     f"{MAX_CANCEL_GRACE_SECONDS}, not {value!r}")
+                                     f"{MAX_CANCEL_GRACE_SECONDS}, not {_as_json(value)}")
     return msgspec.structs.replace(current, **changes)
 
 

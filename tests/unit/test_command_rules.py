@@ -474,6 +474,21 @@ def test_settings_validation_refuses_bad_values(changes: dict[str, Any]) -> None
     assert world.state.settings == settings
 
 
+@pytest.mark.parametrize(("changes", "shown"), [
+    ({"max_concurrent": True}, "not true"),
+    ({"max_concurrent": None}, "not null"),
+    ({"user_max_concurrent": "2"}, 'not "2"'),
+    ({"enable_fair_share": "yes"}, 'not "yes"'),
+    ({"cancel_grace_seconds": 4000}, "at most 3600, not 4000"),
+])
+def test_a_refused_setting_shows_the_value_as_json_does(
+    changes: dict[str, Any], shown: str
+) -> None:
+    """The person wrote JSON (or --what-if key=value): true and null, not True and None."""
+    detail = refused(World(), InvalidRequest, ChangeSettings(changes), ADMIN, 1.0)
+    assert detail.endswith(shown), detail
+
+
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
