@@ -501,7 +501,7 @@ def jobs_reject(ctx: click.Context, job_id: str, reason: str | None) -> None:
     click.echo(f"job {job_id}: rejected" + (f" ({reason})" if reason else ""))
 
 
-@jobs.command("priority")
+@jobs.command("priority", context_settings={"ignore_unknown_options": True})  # -5 is a value
 @click.argument("job_id")
 @click.argument("priority")
 @click.pass_context
@@ -514,6 +514,8 @@ def jobs_priority(ctx: click.Context, job_id: str, priority: str) -> None:
         try:
             value = int(priority)
         except ValueError:
+            value = -1
+        if not 0 <= value <= 100:
             raise click.BadParameter(f"{priority!r} is not 0-100 or none",
                                      param_hint="PRIORITY") from None
     answer = _api(ctx).post(f"/api/queue/{segment(job_id)}/priority", {"priority": value})

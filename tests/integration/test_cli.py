@@ -219,7 +219,9 @@ def test_approve_reject_and_priority(cli, server) -> None:
     cleared = cli("jobs", "priority", blocked_id, "none")
     assert cleared.returncode == 0, cleared.stderr
     assert "(no override)" in cleared.stdout
-    assert "invalid (422)" in one_error_line(cli("jobs", "priority", blocked_id, "500"))
+    for out_of_range in ("500", "-5"):  # -5 is a value, not an unknown option
+        assert f"'{out_of_range}' is not 0-100" in one_error_line(
+            cli("jobs", "priority", blocked_id, out_of_range))
     assert "conflict (409)" in one_error_line(cli("jobs", "approve", blocked_id))
 
 
