@@ -418,11 +418,29 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
         return
     from projections.state import TERMINAL
 
-    printed = _follow_once(api, path, 0, tail)
+    output = _Output(api, path)
+    output.print_new(tail)
+    lost_at: float | None = None
     while True:
-        # the status first: output written before the job ended is then all in the file
-        entry = api.get(f"/api/queue/{segment(job_id)}")
-        printed = _follow_once(api, path, printed, None)
+        try:
+            # the status first: output written before the job ended is then all in the file
+            entry = api.get(f"/api/queue/{segment(job_id)}")
+            output.print_new()
+        except ClientError as exc:
+            if exc.status not in (None, 503):
+                raise
+            # the server restarts (jobs outlive it): wait for it a while, then give up
+            if lost_at is None:
+                lost_at = time.monotonic()
+                click.echo(f"gpuyard: {exc}; job {job_id} runs on without it, waiting up to "
+                           f"{RECONNECT_SECONDS:g}s for the server to come back", err=True)
+            elif time.monotonic() - lost_at > RECONNECT_SECONDS:
+                raise
+            time.sleep(interval)
+            continue
+        if lost_at is not None:
+            click.echo("gpuyard: the server is back; following on", err=True)
+            lost_at = None
         if entry.get("status") in TERMINAL:
             detail = entry.get("status")
             if entry.get("exit_code") is not None:
@@ -432,20 +450,39 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
         time.sleep(interval)
 
 
-def _follow_once(api: Client, path: str, printed: int, tail: int | None) -> int:
-    """Print the output past byte ``printed`` (or its last ``tail`` lines); return its size.
+RECONNECT_SECONDS = 60.0  # how long `jobs logs -f` waits for a server that went away
+
+
+class _Output:
+    """A job's output as printed so far: each call prints only what came after it.
 
     The server sends only the bytes after ``offset``: following a long log costs what it
-    grows by, not its size, per poll.
+    grows by, not its size, per poll. ``printed`` counts every byte written, also when
+    the server goes away mid-answer, so nothing is printed twice when it comes back.
     """
-    out = sys.stdout.buffer
-    if tail is None:
-        with api.stream(path, offset=printed or None) as chunks:
-            for chunk in chunks:
-                out.write(chunk)
-                printed += len(chunk)
-        out.flush()
-        return printed
+
+    def __init__(self, api: Client, path: str) -> None:
+        self.api = api
+        self.path = path
+        self.printed = 0
+
+    def print_new(self, tail: int | None = None) -> None:
+        """Print the output past what was printed (at the start: its last ``tail`` lines)."""
+        out = sys.stdout.buffer
+        try:
+            if tail is None:
+                with self.api.stream(self.path, offset=self.printed or None) as chunks:
+                    for chunk in chunks:
+                        out.write(chunk)
+                        self.printed += len(chunk)
+            else:
+                self.printed = _print_tail(self.api, self.path, tail)
+        finally:
+            out.flush()
+
+
+def _print_tail(api: Client, path: str, tail: int) -> int:
+    """Print the last ``tail`` lines of the output; return the output's size."""
     size = 0
     last_lines: deque[bytes] = deque(maxlen=tail)
     partial = b""
@@ -456,8 +493,7 @@ def _follow_once(api: Client, path: str, printed: int, tail: int | None) -> int:
             size += len(chunk)
     if partial:
         last_lines.append(partial)
-    out.write(b"".join(last_lines))
-    out.flush()
+    sys.stdout.buffer.write(b"".join(last_lines))
     return size
 
 

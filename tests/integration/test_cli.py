@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import sys
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cli_runner import gpuyard, one_error_line
-from serverproc import ServerProcess, free_port
+from serverproc import REPO_ROOT, ServerProcess, free_port
 
 from events.envelope import seal
 from events.log import EventLog
@@ -125,6 +126,39 @@ def test_logs_follow_until_the_job_ends(cli, server) -> None:
     assert f"job {job_id} ended: completed" in followed.stderr
     tail = cli("jobs", "logs", job_id, "--tail", "1")
     assert tail.stdout == "step 2\n"
+
+
+def test_logs_follow_rides_out_a_server_restart(tmp_path: Path) -> None:
+    """Jobs outlive the server (SPEC section 8), so a follower waits for it to come back
+    and goes on where it was: every line once, then the job's end."""
+    data = tmp_path / "data"
+    (data / "configs").mkdir(parents=True)
+    (data / "configs" / "two.toml").write_text(_toml({
+        "command": [sys.executable, "-c", "import time\nprint('first', flush=True)\n"
+                    "time.sleep(4)\nprint('second', flush=True)"],
+        "num_processes": 1}))
+    with ServerProcess(data, gpus="1") as server:
+        job_id = json.loads(gpuyard("--server", server.url, "jobs", "submit", "two",
+                                    "--format", "json").stdout)["job_id"]
+        log = data / "runs" / job_id / "output.log"
+        wait_until(lambda: log.exists() and b"first" in log.read_bytes())
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "--server", server.url, "jobs", "logs",
+             job_id, "-f", "--interval", "0.1"],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("GPUYARD_")})
+        try:
+            time.sleep(1.0)  # it has printed 'first' and polls
+            server.kill()  # SIGKILL: the job lives on
+            time.sleep(0.5)
+            server.start()
+            out, err = follower.communicate(timeout=60)
+        finally:
+            follower.kill()
+    assert follower.returncode == 0, err
+    assert out == "first\nsecond\n"
+    assert "waiting up to" in err and "the server is back" in err, err
+    assert f"job {job_id} ended: completed, exit code 0" in err
 
 
 def test_status_as_json(cli) -> None:
