@@ -60,6 +60,7 @@ from projections.state import STATUSES, JobEntry, QueueState, Status, Token, Use
 
 __all__ = ["EventDoesNotFit", "apply", "apply_event", "fold", "fold_batches", "index_all"]
 
+
 class EventDoesNotFit(Exception):
     """An event that does not agree with the events before it (a job dispatched that was
     never submitted, say). The engine never writes one: only an altered log, read without

@@ -165,6 +165,9 @@ def source_rows(path: str | Path) -> Iterator[Row]:
 def read_records(rows: Iterable[Row], *, verify: bool = True) -> Iterator[Recorded]:
     """Decode stored rows into :class:`Recorded`, checking the chain as they pass."""
     for seq, at, type_, actor, corr, cause, data, digest in (checked_rows(rows) if verify else rows):
+        if not (isinstance(data, bytes) and isinstance(digest, bytes)):  # unverified: say so
+            raise AuditError(f"seq {seq}: its data or hash is not stored as bytes: the row was "
+                             "altered")
         try:
             event = decode_event(type_, data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -565,8 +565,8 @@ def _plan(records: Iterable[Recorded], progress: Progress) -> _Plan:
     def command(at: float, seq: int, cmd: Command, actor: Actor | None = None) -> None:
         items.append((at, seq, _COMMAND, cmd, actor or LOCAL_ADMIN))
 
-    try:
-        for recorded in _counted(records, progress):
+    for recorded in _counted(records, progress):
+        try:  # reading the record is outside: an error there is not this event's
             event, at, seq = recorded.event, recorded.at, recorded.seq
             if not plan.instants or plan.instants[-1] != at:
                 plan.instants.append(at)
@@ -604,8 +604,8 @@ def _plan(records: Iterable[Recorded], progress: Progress) -> _Plan:
                 case _:
                     pass  # dispatches, starts and requeues are what the replay decides anew
             apply(state, recorded)
-    except EventDoesNotFit.CAUSES as exc:  # a plan's reads of the state, before apply's
-        raise EventDoesNotFit(recorded.seq, recorded.event, exc) from exc
+        except EventDoesNotFit.CAUSES as exc:  # a plan's reads of the state, before apply's
+            raise EventDoesNotFit(recorded.seq, recorded.event, exc) from exc
     plan.end = state.last_at
     plan.names = {user_id: user.name for user_id, user in state.users.items()}
     return plan
