@@ -81,10 +81,11 @@ class LogConflict(LogError):
 class ChainBroken(LogError):
     """Verification found an event whose hash does not match; ``seq`` names it."""
 
-    def __init__(self, seq: int, why: str) -> None:
+    def __init__(self, seq: int, why: str, *, missing: bool = False) -> None:
         super().__init__(f"hash chain broken at seq {seq}: {why}")
         self.seq = seq
         self.why = why
+        self.missing = missing  # seq is not there at all (another one came in its place)
 
 
 
@@ -95,7 +96,7 @@ def checked_rows(rows: Iterable[Row]) -> Iterator[Row]:
     for row in rows:
         seq, at, type_, actor, corr, cause, data, digest = row
         if seq != expected:
-            raise ChainBroken(expected, f"seq {expected} is missing (found {seq})")
+            raise ChainBroken(expected, f"seq {expected} is missing (found {seq})", missing=True)
         if not (isinstance(data, bytes) and isinstance(digest, bytes)):
             # SQLite keeps whatever type an UPDATE wrote (replace() gives TEXT)
             raise ChainBroken(seq, "its data or hash is not stored as bytes: the row was altered")

@@ -61,7 +61,8 @@ class BadLine(AuditError):
         self.unreadable = f"line {number} cannot be read back: {why}"
 
 
-_SEQ_IN_LINE = re.compile(r'"seq"\s*:\s*(\d+)')
+# an export line starts with its seq (``row_to_export``); a "seq" inside data is not it
+_SEQ_IN_LINE = re.compile(r'\s*\{\s*"seq"\s*:\s*(\d+)\s*[,}]')
 
 
 class Verified(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,7 +121,7 @@ def _jsonl_rows(handle: IO[str], path: str | Path) -> Iterator[Row]:
         try:
             yield row_from_export(decoder.decode(line))
         except (msgspec.DecodeError, ValueError) as exc:
-            named = _SEQ_IN_LINE.search(line)
+            named = _SEQ_IN_LINE.match(line)
             raise BadLine(path, number, _why(exc), int(named[1]) if named else None) from exc
 
 
@@ -136,7 +137,7 @@ def _csv_rows(handle: IO[str], path: str | Path) -> Iterator[Row]:
             yield row_from_export(record)
         except ValueError as exc:
             named = str(record.get("seq") or "").strip()
-            seq = int(named) if named.isdigit() else None
+            seq = int(named) if named.isascii() and named.isdigit() else None
             raise BadLine(path, reader.line_num, _why(exc), seq) from exc
         except csv.Error as exc:  # pragma: no cover - a torn quote at the very end
             raise AuditError(f"{path} line {reader.line_num}: {exc}") from exc
@@ -249,7 +250,8 @@ def verify_partial(path: str | Path) -> Verified:
             prev_seq, prev_hash = seq, bytes(digest)
             count += 1
     except BadLine as exc:
-        if exc.seq is None:  # which event it held cannot be told
+        if exc.seq is None or (prev_seq is not None and exc.seq <= prev_seq):
+            # which event it held cannot be told
             after = f"the line after seq {prev_seq}" if prev_seq is not None else "the first line"
             raise AuditError(f"{exc} ({after})") from exc
         raise ChainBroken(exc.seq, exc.unreadable) from exc

@@ -860,7 +860,7 @@ def _guard_files(action: Any) -> Any:
                    "predecessor it lacks.")
 def audit_verify(export: str | None, db_path: str | None, partial: bool) -> None:
     """Check the hash chain of an export (JSONL or CSV) or of a database file."""
-    from service.audit import ChainBroken, verify_file, verify_partial
+    from service.audit import ChainBroken, is_sqlite, verify_file, verify_partial
 
     if (export is None) == (db_path is None):
         raise click.UsageError("give an EXPORT file or --db FILE (one of them)")
@@ -869,8 +869,9 @@ def audit_verify(export: str | None, db_path: str | None, partial: bool) -> None
     try:
         result = _guard_files(lambda: (verify_partial if partial else verify_file)(path))
     except ChainBroken as exc:
-        hint = ("; an export filtered by --since, --job ... is checked with --partial"
-                if not partial and exc.seq == 1 and "is missing" in exc.why else "")
+        filtered = export is not None and exc.seq == 1 and exc.missing and not partial
+        hint = "; an export filtered by --since, --job ... is checked with --partial" \
+            if filtered and not is_sqlite(path) else ""
         raise Failure(f"{path}: {exc} (the first bad event is seq {exc.seq}){hint}") from None
     if result.count == 0:
         click.echo(f"ok: {path} holds no events")

@@ -135,6 +135,8 @@ UNREADABLE_EDITS = [
                  id="key-renamed"),
     pytest.param(lambda line: line.replace('"hash":"', '"hash":"q', 1), "not hexadecimal",
                  id="hash-not-hex"),
+    pytest.param(lambda line: line[:line.index('"hash":')] + '"hash":null}', "lacks 'hash'",
+                 id="hash-null"),
     pytest.param(lambda line: line.replace('"at":', '"at":"soon","x":', 1), "'soon'",
                  id="at-not-a-number"),
 ]
@@ -188,6 +190,48 @@ def test_a_line_whose_seq_cannot_be_read_is_placed_after_the_last_good_one(
     with pytest.raises(ChainBroken) as whole:  # as a whole chain it lacks seq 1 first
         verify_file(broken)
     assert whole.value.seq == 1
+
+
+def test_a_seq_inside_data_is_not_taken_for_the_lines_own(tmp_path: Path, day_db: Path) -> None:
+    lines = _export(day_db, tmp_path / "audit.jsonl").read_text().splitlines()
+    later = tmp_path / "later.jsonl"
+    later.write_text("\n".join(lines[20:]) + "\n")
+    # line 4 (seq 24) loses its own seq; its data still holds a "seq" of 1
+    broken = _edit_line(later, tmp_path / "b.jsonl", 3, lambda line: '{"seq" 24, "data": '
+                        '{"seq": 1}' + line[line.index(","):])
+    with pytest.raises(AuditError, match=r"\(the line after seq 23\)"):
+        verify_partial(broken)
+
+
+@pytest.mark.parametrize(("cells", "why"), [
+    (lambda row: ["³", *row[1:]], "'³'"),  # a digit to str.isdigit, not to int()
+    (lambda row: row[:5], "lacks 'data', 'hash'"),  # a short row: its cells are missing
+])
+def test_odd_csv_cells_are_named_in_words(tmp_path: Path, day_db: Path, cells: object,
+                                          why: str) -> None:
+    export = _export(day_db, tmp_path / "audit.csv", "csv")
+    rows = list(csv.reader(io.StringIO(export.read_text())))
+    rows[5] = cells(rows[5])  # type: ignore[operator]
+    broken = tmp_path / "b.csv"
+    with open(broken, "w", newline="") as out:
+        csv.writer(out).writerows(rows)
+    line = one_error_line(gpuyard("audit", "verify", str(broken)))
+    assert "the first bad event is seq 5" in line and why in line
+    assert "unexpected" not in line
+
+
+def test_a_database_that_lacks_its_first_event_is_not_sent_to_partial(
+    day_db: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "events.db"
+    backup_log(day_db, copy)
+    db = apsw.Connection(str(copy))
+    db.execute("DROP TRIGGER events_no_delete")
+    db.execute("DELETE FROM events WHERE seq = 1")
+    db.close()
+    for args in (["--db", str(copy)], [str(copy)]):
+        line = one_error_line(gpuyard("audit", "verify", *args))
+        assert "seq 1 is missing" in line and "--partial" not in line
 
 
 def test_a_csv_line_that_cannot_be_read_is_named_by_its_seq(
