@@ -30,6 +30,13 @@ __all__ = ["main", "cli"]
 
 STATUSES = ("pending", "queued", "running", "blocked", "completed", "failed", "cancelled",
             "rejected")
+# a queue entry's fields (SPEC section 7; the API's QueueEntry, checked by a test): what
+# `jobs list -o` may name even when no entry is listed
+ENTRY_FIELDS = ("job_id", "user_id", "team_id", "config_name", "priority", "priority_override",
+                "effective_priority", "status", "position", "queued_at", "started_at",
+                "completed_at", "estimated_cost", "requires_approval", "attempt",
+                "max_attempts", "error_message", "metadata", "allocated_gpus", "job_type",
+                "num_processes", "exit_code", "worker_id")
 DEFAULT_COLUMNS = ("job_id", "status", "user_id", "config_name", "effective_priority",
                    "position", "allocated_gpus", "queued_at", "started_at")
 DEFAULT_HEADERS = ("job_id", "status", "user", "config", "prio", "pos", "gpus", "queued_at",
@@ -310,11 +317,11 @@ def jobs_list(ctx: click.Context, fields: str | None, fmt: str, status: str | No
     columns = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
     if fields is not None and not columns:
         raise click.BadParameter("give at least one field", param_hint="-o")
-    unknown = [c for c in columns or () if entries and all(c.split(".")[0] not in e
-                                                            for e in entries)]
+    unknown = [c for c in columns or () if c.split(".")[0] not in ENTRY_FIELDS
+               and all(c.split(".")[0] not in e for e in entries)]  # a newer server's: kept
     if unknown:  # a typo, not a column of nulls (a missing *nested* key is only missing)
         raise click.BadParameter(f"no queue entry has a field {', '.join(map(repr, unknown))}; "
-                                 f"the fields are {', '.join(entries[0])}", param_hint="-o")
+                                 f"the fields are {', '.join(ENTRY_FIELDS)}", param_hint="-o")
     if fmt == "json":
         if columns is None:
             _json(entries)
@@ -537,7 +544,18 @@ def jobs_reject(ctx: click.Context, job_id: str, reason: str | None) -> None:
     click.echo(f"job {job_id}: rejected" + (f" ({reason})" if reason else ""))
 
 
-@jobs.command("priority", context_settings={"ignore_unknown_options": True})  # -5 is a value
+class _NegativeValues(click.Command):
+    """A command whose arguments may be negative numbers (``-5``): they are values for the
+    range check to refuse in words, not unknown options."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        numbers = [arg for arg in args if arg[:1] == "-" and arg[1:].isdigit()]
+        if numbers and "--" not in args:
+            args = [arg for arg in args if arg not in numbers] + ["--", *numbers]
+        return super().parse_args(ctx, args)
+
+
+@jobs.command("priority", cls=_NegativeValues)
 @click.argument("job_id")
 @click.argument("priority")
 @click.pass_context
@@ -585,7 +603,7 @@ _LIMIT_OPTIONS: list[tuple[str, str, Any, str]] = [
      "Jobs costing more wait for approval."),
     ("approval_timeout_hours", "--approval-timeout-hours", Finite(min=0, min_open=True),
      "Blocked jobs older than this are rejected."),
-    ("cancel_grace_seconds", "--cancel-grace-seconds", Finite(min=0),  # the server's max
+    ("cancel_grace_seconds", "--cancel-grace-seconds", Finite(min=0, max=3600),
      "Seconds between SIGTERM and SIGKILL."),
 ]
 

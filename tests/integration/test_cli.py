@@ -114,8 +114,16 @@ def test_submit_then_list_as_table_and_json_with_a_nested_field(cli, server) -> 
     absent = json.loads(cli("jobs", "list", "--format", "json", "-o", "job_id,metadata.nope")
                         .stdout)  # a nested key a job lacks is only missing
     assert {row["metadata.nope"] for row in absent} == {None}
-    typo = one_error_line(cli("jobs", "list", "-o", "job_id,statsu"))
-    assert "'statsu'" in typo and "status" in typo
+    for status in ([], ["--status", "rejected"]):  # entries listed, or none
+        typo = one_error_line(cli("jobs", "list", "-o", "job_id,statsu", *status))
+        assert "'statsu'" in typo and "status" in typo
+
+
+def test_the_cli_knows_every_field_of_a_queue_entry() -> None:
+    from service.api.models import QueueEntry
+    from service.cli import ENTRY_FIELDS
+
+    assert ENTRY_FIELDS == QueueEntry.__struct_fields__
 
 
 def test_logs_follow_until_the_job_ends(cli, server) -> None:
@@ -450,6 +458,8 @@ def test_export_csv_and_a_filtered_export(cli, tmp_path: Path) -> None:
         (["jobs", "cancel"], "--all"),
         (["jobs", "list", "--status", "sleeping"], "--status"),
         (["jobs", "priority", "x", "high"], "PRIORITY"),
+        (["jobs", "priority", "x", "-5", "--bogus"], "No such option '--bogus'"),
+        (["queue", "limits", "--cancel-grace-seconds", "3601"], "3601"),
         (["audit", "export", "--since", "last tuesday"], "--since"),
         (["audit", "export", "--until", "nan"], "must be a finite time"),
         (["audit", "export", "--until", "99999999999999999999"], "between the years 1 and 9999"),
