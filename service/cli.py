@@ -426,15 +426,18 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
     from projections.state import TERMINAL
 
     output = _Output(api, path)
-    output.print_new(tail)
+    started = False  # the first print: the last ``tail`` lines (all, if None)
     lost_at: float | None = None
     while True:
         try:
+            if not started:
+                output.print_new(tail)  # --tail prints at once, after reading: all or none
+                started = True
             # the status first: output written before the job ended is then all in the file
             entry = api.get(f"/api/queue/{segment(job_id)}")
             output.print_new()
         except ClientError as exc:
-            if exc.status not in (None, 503):
+            if not (exc.unreachable or exc.status in (502, 503, 504)):  # 502/504: a proxy's
                 raise
             # the server restarts (jobs outlive it): wait for it a while, then give up
             if lost_at is None:

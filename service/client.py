@@ -62,9 +62,11 @@ _STATUS_WORDS = {
 class ClientError(Exception):
     """A request that failed; ``status`` is the HTTP status, or ``None`` if none came back."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, *,
+                 unreachable: bool = False) -> None:
         super().__init__(" ".join(message.split()))
         self.status = status
+        self.unreachable = unreachable  # no server answered, or it went away mid-answer
 
 
 # an argument the shell passed as bytes that are not text (Python keeps them as surrogates)
@@ -121,10 +123,13 @@ class Client:
     def _failed(self, exc: httpx.HTTPError) -> ClientError:
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return ClientError(f"cannot reach the gpuyard server at {self.base_url} "
-                               "(is `gpuyard serve` running? set --server or GPUYARD_URL)")
+                               "(is `gpuyard serve` running? set --server or GPUYARD_URL)",
+                               unreachable=True)
         if isinstance(exc, httpx.TimeoutException):
-            return ClientError(f"the gpuyard server at {self.base_url} did not answer in time")
-        return ClientError(f"talking to {self.base_url} failed: {exc}")
+            return ClientError(f"the gpuyard server at {self.base_url} did not answer in time",
+                               unreachable=True)
+        return ClientError(f"talking to {self.base_url} failed: {exc}",
+                           unreachable=isinstance(exc, httpx.TransportError))
 
     def _refused(self, response: httpx.Response) -> ClientError:
         status = response.status_code
@@ -189,4 +194,5 @@ class Client:
         try:
             yield from response.iter_bytes()
         except httpx.HTTPError as exc:
-            raise ClientError(f"the stream from {self.base_url} broke off: {exc}") from exc
+            raise ClientError(f"the stream from {self.base_url} broke off: {exc}",
+                              unreachable=True) from exc

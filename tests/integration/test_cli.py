@@ -156,7 +156,8 @@ def test_logs_follow_rides_out_a_server_restart(tmp_path: Path) -> None:
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={k: v for k, v in os.environ.items() if not k.startswith("GPUYARD_")})
         try:
-            time.sleep(1.0)  # it has printed 'first' and polls
+            assert follower.stdout is not None
+            first = follower.stdout.readline()  # it has printed 'first' and polls on
             server.kill()  # SIGKILL: the job lives on
             time.sleep(0.5)
             server.start()
@@ -164,7 +165,7 @@ def test_logs_follow_rides_out_a_server_restart(tmp_path: Path) -> None:
         finally:
             follower.kill()
     assert follower.returncode == 0, err
-    assert out == "first\nsecond\n"
+    assert first + out == "first\nsecond\n"
     assert "waiting up to" in err and "the server is back" in err, err
     assert f"job {job_id} ended: completed, exit code 0" in err
 
