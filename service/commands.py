@@ -603,7 +603,8 @@ def validated_settings(current: Settings, changes: dict[str, Any]) -> Settings:
 
     def whole(name: str, value: Any, low: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InvalidRequest(f"{name} must be a whole number of {low} or more, not {_as_json(value)}")
+            raise InvalidRequest(f"{name} must be a whole number of {low} or more, "
+                                 f"not {_as_json(value)}")
 
     def number(name: str, value: Any, low: float, strict: bool) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -619,7 +620,8 @@ def validated_settings(current: Settings, changes: dict[str, Any]) -> Settings:
                 whole(name, value, 1)
         elif name == "enable_fair_share":
             if not isinstance(value, bool):
-                raise InvalidRequest(f"enable_fair_share must be true or false, not {_as_json(value)}")
+                raise InvalidRequest("enable_fair_share must be true or false, "
+                                     f"not {_as_json(value)}")
         elif name == "starvation_boost":
             whole(name, value, 0)
         elif name == "starvation_threshold_minutes":

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
