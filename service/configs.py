@@ -26,7 +26,7 @@ from service.commands import ConfigSpec, InvalidRequest, UnknownConfig
 
 __all__ = ["ConfigStore", "check_config", "check_name", "config_to_toml", "NAME_RULE"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # fullmatch: no trailing newline
 NAME_RULE = ("1-100 characters: letters, digits, '.', '_' or '-', starting with a letter or "
              "digit, and not ending in '.toml'")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -34,7 +34,7 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def _is_name(name: str) -> bool:
     """The one rule for config names (a file ``<name>.toml`` in the configs directory)."""
-    return bool(_NAME.match(name)) and not name.endswith(".toml")
+    return bool(_NAME.fullmatch(name)) and not name.endswith(".toml")
 
 
 def check_name(name: str) -> str:

@@ -16,7 +16,7 @@ from events.export import row_from_export
 from events.log import verify_rows
 from service.audit import write_export
 from service.commands import ConfigSpec, InvalidRequest, UnknownConfig
-from service.configs import ConfigStore
+from service.configs import ConfigStore, check_name
 
 pytestmark = pytest.mark.anyio
 
@@ -69,6 +69,12 @@ async def test_put_writes_toml_that_reads_back_and_submits(api, data_dir) -> Non
     ("a" * 101, {"command": ["x"]}, "not valid"),
     ("x.toml", {"command": ["x"]}, "not ending in '.toml'"),  # the rule names why
 ])
+def test_a_name_with_a_trailing_newline_is_not_a_name() -> None:
+    assert check_name("train-v2") == "train-v2"
+    with pytest.raises(InvalidRequest, match="not valid"):
+        check_name("train\n")  # `$` alone would let it through
+
+
 async def test_bad_configs_are_422(api, data_dir, name, body, words) -> None:
     response = await api.client.put(f"/api/configs/{name}", json=body)
     assert response.status_code == 422, response.text
