@@ -57,6 +57,12 @@ async def test_put_writes_toml_that_reads_back_and_submits(api, data_dir) -> Non
     assert (await api.get("/api/configs/train-v2")).json()["command"] == ["true"]
 
 
+def test_a_name_with_a_trailing_newline_is_not_a_name() -> None:
+    assert check_name("train-v2") == "train-v2"
+    with pytest.raises(InvalidRequest, match="not valid"):
+        check_name("train\n")  # `$` alone would let it through
+
+
 @pytest.mark.parametrize(("name", "body", "words"), [
     ("ok", {"command": []}, "command"),
     ("ok", {"command": [""]}, "command"),
@@ -69,12 +75,6 @@ async def test_put_writes_toml_that_reads_back_and_submits(api, data_dir) -> Non
     ("a" * 101, {"command": ["x"]}, "not valid"),
     ("x.toml", {"command": ["x"]}, "not ending in '.toml'"),  # the rule names why
 ])
-def test_a_name_with_a_trailing_newline_is_not_a_name() -> None:
-    assert check_name("train-v2") == "train-v2"
-    with pytest.raises(InvalidRequest, match="not valid"):
-        check_name("train\n")  # `$` alone would let it through
-
-
 async def test_bad_configs_are_422(api, data_dir, name, body, words) -> None:
     response = await api.client.put(f"/api/configs/{name}", json=body)
     assert response.status_code == 422, response.text
