@@ -54,10 +54,9 @@ def csv_cells(row: Row) -> list[object]:
 
 def row_from_export(line: dict[str, Any]) -> Row:
     """Rebuild the stored row from an exported line (``ValueError`` if malformed)."""
-    # a short CSV row has None for its missing cells; only these two may be empty
-    missing = [name for name in FIELDS if line.get(name) is None
-               and name not in ("correlation_id", "causation_id")]
-    missing += [name for name in ("correlation_id", "causation_id") if name not in line]
+    # a short CSV row has None for its missing cells; only the two ids may be null
+    missing = [name for name in FIELDS if name not in line
+               or (line[name] is None and name not in ("correlation_id", "causation_id"))]
     if missing:
         raise ValueError(f"malformed export line: it lacks {', '.join(map(repr, missing))}")
     try:

@@ -568,13 +568,10 @@ def jobs_priority(ctx: click.Context, job_id: str, priority: str) -> None:
     if priority.lower() in ("none", "null", "clear", "reset"):
         value = None
     else:
-        try:
-            value = int(priority)
-        except ValueError:
-            value = -1
-        if not 0 <= value <= 100:
+        if not (priority.removeprefix("-").isdecimal() and 0 <= int(priority) <= 100):
             raise click.BadParameter(f"{priority!r} is not 0-100 or none",
-                                     param_hint="PRIORITY") from None
+                                     param_hint="PRIORITY")
+        value = int(priority)
     answer = _api(ctx).post(f"/api/queue/{segment(job_id)}/priority", {"priority": value})
     position = answer.get("position")
     where = f", position {position}" if position else ""
@@ -890,9 +887,10 @@ def audit_verify(export: str | None, db_path: str | None, partial: bool) -> None
     try:
         result = _guard_files(lambda: (verify_partial if partial else verify_file)(path))
     except ChainBroken as exc:
-        filtered = export is not None and exc.seq == 1 and exc.missing and not partial
-        hint = "; an export filtered by --since, --job ... is checked with --partial" \
-            if filtered and not is_sqlite(path) else ""
+        hint = ""
+        if export is not None and not partial and exc.seq == 1 and exc.missing \
+                and not is_sqlite(export):  # a database is never a filtered export
+            hint = "; an export filtered by --since, --job ... is checked with --partial"
         raise Failure(f"{path}: {exc} (the first bad event is seq {exc.seq}){hint}") from None
     if result.count == 0:
         click.echo(f"ok: {path} holds no events")

@@ -69,9 +69,11 @@ class ClientError(Exception):
         self.unreachable = unreachable  # no server answered, or it went away mid-answer
 
 
-# an argument the shell passed as bytes that are not text (Python keeps them as surrogates)
-_NOT_TEXT = ClientError("an argument is not valid UTF-8 text; check its quoting and the "
-                        "terminal's encoding")
+def _not_text() -> ClientError:
+    """An argument the shell passed as bytes that are not text (Python keeps them as
+    surrogates, which cannot be sent)."""
+    return ClientError("an argument is not valid UTF-8 text; check its quoting and the "
+                       "terminal's encoding")
 
 
 def segment(value: object) -> str:
@@ -83,7 +85,7 @@ def segment(value: object) -> str:
     try:
         return quote(text, safe="")
     except UnicodeEncodeError:
-        raise _NOT_TEXT from None
+        raise _not_text() from None
 
 
 def _detail(response: httpx.Response) -> str:
@@ -149,7 +151,7 @@ class Client:
         except httpx.HTTPError as exc:
             raise self._failed(exc) from exc
         except UnicodeEncodeError:
-            raise _NOT_TEXT from None
+            raise _not_text() from None
         except ValueError as exc:  # JSON has no nan or inf
             raise ClientError(f"cannot send the request: {exc}") from None
         if response.status_code >= 400:
@@ -188,7 +190,7 @@ class Client:
         except httpx.HTTPError as exc:
             raise self._failed(exc) from exc
         except UnicodeEncodeError:
-            raise _NOT_TEXT from None
+            raise _not_text() from None
 
     def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
         try:

@@ -560,55 +560,60 @@ def _plan(records: Iterable[Recorded], progress: Progress) -> _Plan:
     plan = _Plan()
     state = QueueState()
     cancel_asked: dict[str, float] = {}
-    items = plan.items
-
-    def command(at: float, seq: int, cmd: Command, actor: Actor | None = None) -> None:
-        items.append((at, seq, _COMMAND, cmd, actor or LOCAL_ADMIN))
-
     for recorded in _counted(records, progress):
-        try:  # reading the record is outside: an error there is not this event's
-            event, at, seq = recorded.event, recorded.at, recorded.seq
-            if not plan.instants or plan.instants[-1] != at:
-                plan.instants.append(at)
-            plan.meter.observe(state, event, at)
-            match event:
-                case JobSubmitted():
-                    submit, actor = _submit_input(event, state, at)
-                    command(at, seq, submit, actor)
-                case JobApproved():
-                    command(at, seq, Approve(event.job_id))
-                case JobRejected():
-                    command(at, seq, Reject(event.job_id, event.reason))
-                case JobPriorityChanged():
-                    command(at, seq, SetPriority(event.job_id, event.priority_override))
-                case JobCancelRequested():
-                    cancel_asked[event.job_id] = at
-                    command(at, seq, Cancel(job_ids=(event.job_id,)))
-                case JobCancelled() if state.jobs[event.job_id].status in ("pending", "blocked"):
-                    command(at, seq, Cancel(job_ids=(event.job_id,)))
-                case JobCompleted() | JobFailed() | JobCancelled():
-                    job = state.jobs[event.job_id]
-                    if job.status == "running":
-                        if job.cancel_requested and isinstance(event, JobCancelled):
-                            asked = cancel_asked.get(job.job_id, at)
-                            plan.cancel_grace[job.job_id] = at - asked
-                        ending = _ending(job, event, seq, at)
-                        if ending is not None:
-                            plan.endings[(job.job_id, job.attempt)] = ending
-                case SettingsChanged():
-                    items.append((at, seq, _FACT, event, None))
-                case GpuInventoryObserved() | UserCreated() | UserUpdated():
-                    items.append((at, seq, _FACT, event, None))
-                case TokenIssued() | TokenRevoked():
-                    pass  # who may call the API does not change what the queue decides
-                case _:
-                    pass  # dispatches, starts and requeues are what the replay decides anew
-            apply(state, recorded)
-        except EventDoesNotFit.CAUSES as exc:  # a plan's reads of the state, before apply's
+        try:
+            _take(plan, state, cancel_asked, recorded)
+        except EventDoesNotFit.CAUSES as exc:  # its reads of the state, as apply's below
             raise EventDoesNotFit(recorded.seq, recorded.event, exc) from exc
+        apply(state, recorded)
     plan.end = state.last_at
     plan.names = {user_id: user.name for user_id, user in state.users.items()}
     return plan
+
+
+def _take(plan: _Plan, state: QueueState, cancel_asked: dict[str, float],
+          recorded: Recorded) -> None:
+    """One recorded event's part of the plan, read against the state before it."""
+    event, at, seq = recorded.event, recorded.at, recorded.seq
+    items = plan.items
+
+    def command(cmd: Command, actor: Actor | None = None) -> None:
+        items.append((at, seq, _COMMAND, cmd, actor or LOCAL_ADMIN))
+
+    if not plan.instants or plan.instants[-1] != at:
+        plan.instants.append(at)
+    plan.meter.observe(state, event, at)
+    match event:
+        case JobSubmitted():
+            command(*_submit_input(event, state, at))
+        case JobApproved():
+            command(Approve(event.job_id))
+        case JobRejected():
+            command(Reject(event.job_id, event.reason))
+        case JobPriorityChanged():
+            command(SetPriority(event.job_id, event.priority_override))
+        case JobCancelRequested():
+            cancel_asked[event.job_id] = at
+            command(Cancel(job_ids=(event.job_id,)))
+        case JobCancelled() if state.jobs[event.job_id].status in ("pending", "blocked"):
+            command(Cancel(job_ids=(event.job_id,)))
+        case JobCompleted() | JobFailed() | JobCancelled():
+            job = state.jobs[event.job_id]
+            if job.status == "running":
+                if job.cancel_requested and isinstance(event, JobCancelled):
+                    asked = cancel_asked.get(job.job_id, at)
+                    plan.cancel_grace[job.job_id] = at - asked
+                ending = _ending(job, event, seq, at)
+                if ending is not None:
+                    plan.endings[(job.job_id, job.attempt)] = ending
+        case SettingsChanged():
+            items.append((at, seq, _FACT, event, None))
+        case GpuInventoryObserved() | UserCreated() | UserUpdated():
+            items.append((at, seq, _FACT, event, None))
+        case TokenIssued() | TokenRevoked():
+            pass  # who may call the API does not change what the queue decides
+        case _:
+            pass  # dispatches, starts and requeues are what the replay decides anew
 
 
 # ---------------------------------------------------------------- what-if: the simulation

@@ -4,7 +4,8 @@
 authenticates every ``/api`` route, the one error mapper, the request id, the 1 MiB body
 limit and the OpenAPI document at ``/schema`` (also ``/schema/openapi.json`` and
 ``/schema/openapi.yaml``; pages to browse it at ``/schema/redoc`` and ``/schema/swagger``).
-Its lifespan runs ``runtime.running()``: the engine, the inventory record and the local executor live as long as the app.
+Its lifespan runs ``runtime.running()``: the engine, the inventory record and the local
+executor live as long as the app.
 """
 
 from __future__ import annotations

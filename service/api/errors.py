@@ -56,6 +56,7 @@ class MalformedBody(Exception):
         super().__init__(why)
         self.why = why
 
+
 DOMAIN_STATUS: dict[type[DomainError], int] = {
     UnknownJob: 404,
     UnknownUser: 404,
