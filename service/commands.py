@@ -559,7 +559,8 @@ def _cancel(command: Cancel, state: QueueState, actor: Actor) -> Outcome:
 def _blocked(state: QueueState, job_id: str, verb: str) -> JobEntry:
     job = _job(state, job_id)
     if job.status != "blocked":
-        raise WrongState(f"job {job_id} is {job.status}; only blocked jobs can be {verb}")
+        why = f" ({job.error_message})" if job.status == "rejected" and job.error_message else ""
+        raise WrongState(f"job {job_id} is {job.status}{why}; only blocked jobs can be {verb}")
     return job
 
 

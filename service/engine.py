@@ -180,6 +180,7 @@ class Engine:
     # ------------------------------------------------------------ the write loop
 
     async def _tick_loop(self) -> None:
+        # every batch expires approvals first: this request is the periodic pass (aging)
         while True:
             await anyio.sleep(self.tick_seconds)
             self._send.send_nowait(_Request(ExpireApprovals(), SYSTEM, None))
@@ -276,7 +277,12 @@ class Engine:
         """Handle each request against the working copy, then run a pass: the batch's events."""
         records: list[Recorded] = []
         answers: list[tuple[_Request, Outcome | None, list[Recorded]]] = []
-        wants_pass = False
+        # An approval that has run out is rejected before anyone acts on the batch, so an
+        # expired job cannot be approved in the seconds before the next tick (SPEC 5).
+        expired = handle(ExpireApprovals(), self._work, SYSTEM, now).events
+        if expired:
+            self._seal_all(expired, SYSTEM.label, None, None, now, records)
+        wants_pass = bool(expired)
         for request in batch:
             try:
                 outcome = handle(request.command, self._work, request.actor, now)

@@ -299,6 +299,22 @@ async def test_the_periodic_pass_expires_approvals(tmp_path: Path) -> None:
         assert engine.state.jobs["wait"].error_message == "approval expired"
 
 
+async def test_an_expired_approval_cannot_be_approved_before_the_next_tick(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    engine = Engine(EventLog(tmp_path / "events.db"), clock=clock, tick_seconds=3600)
+    async with engine.running():
+        await engine.execute(submit("wait", requires_approval=True), ALICE)
+        clock.now += 24 * 3600 + 1  # past the timeout; no tick comes in this test
+        with pytest.raises(WrongState, match=r"is rejected \(approval expired\); only blocked"):
+            await engine.execute(Approve("wait"), LOCAL_ADMIN)
+        job = engine.state.jobs["wait"]
+        assert (job.status, job.error_message) == ("rejected", "approval expired")
+        rejected = [r for r in engine.log.read() if r.type == "job.rejected"]
+        assert [(r.actor, r.event.job_id) for r in rejected] == [("system", "wait")]
+
+
 # ---------------------------------------------------------------- a reference pass
 
 # The rules of SPEC section 4 transliterated as plainly as possible: sort every pending
