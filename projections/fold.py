@@ -28,6 +28,7 @@ see ``service/engine.py``).
 from __future__ import annotations
 
 import gc
+from bisect import insort
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import islice
@@ -340,6 +341,8 @@ def _failed(state: QueueState, event: JobFailed, seq: int, at: float) -> None:
 
 def _requeued(state: QueueState, event: JobRequeued, seq: int, at: float) -> None:
     job = state.jobs[event.job_id]
+    if job.started_at is not None:  # its start no longer counts: the next one will
+        insort(state.waits_taken_back, (job.started_at, job.started_at - job.queued_at))
     job.status = "pending"
     job.attempt = event.attempt
     job.error_message = event.reason

@@ -226,9 +226,12 @@ class QueueState:
         self.gpu_backend = "none"
         self.gpus: tuple[GpuDevice, ...] = ()
         self.gpu_holder: dict[int, str] = {}  # device index -> job id
-        # Dispatch times and waits, in time order, with running sums (SPEC 7 avg wait).
+        # Dispatch times and waits, in time order, with running sums (SPEC 7 avg wait),
+        # and the ones a re-queue took back, as (dispatch time, wait) in time order: a job
+        # counts once, with the start it has now.
         self.wait_at: list[float] = []
         self.wait_sums: list[float] = [0.0]
+        self.waits_taken_back: list[tuple[float, float]] = []
         # Times runs ended (a slot freed) and running sums of their lengths (wait estimates).
         self.run_end_at: list[float] = []
         self.run_sums: list[float] = [0.0]

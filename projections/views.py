@@ -18,23 +18,32 @@ __all__ = ["avg_wait_seconds", "mean_run_seconds", "stats", "gpu_allocation", "s
 DAY = 86400.0
 
 
-def _mean_since(times: list[float], sums: list[float], since: float) -> float | None:
-    """Mean of the values recorded at ``times >= since`` (``sums`` are running sums)."""
+def _since(times: list[float], sums: list[float], since: float) -> tuple[int, float]:
+    """How many values were recorded at ``times >= since``, and their total (``sums`` are
+    running sums)."""
     start = bisect_left(times, since)
-    count = len(times) - start
-    if count == 0:
-        return None
-    return (sums[-1] - sums[start]) / count
+    return len(times) - start, sums[-1] - sums[start]
 
 
 def avg_wait_seconds(state: QueueState, now: float) -> float | None:
-    """Mean of ``started_at - queued_at`` over jobs started in the last 24 h."""
-    return _mean_since(state.wait_at, state.wait_sums, now - DAY)
+    """Mean of ``started_at - queued_at`` over jobs started in the last 24 h.
+
+    Each dispatch recorded its wait; a re-queued job's earlier starts are taken back, so
+    a job counts once, with the start it has now.
+    """
+    since = now - DAY
+    count, total = _since(state.wait_at, state.wait_sums, since)
+    taken_back = state.waits_taken_back
+    for _, wait in taken_back[bisect_left(taken_back, (since,)):]:
+        count -= 1
+        total -= wait
+    return total / count if count else None
 
 
 def mean_run_seconds(state: QueueState, now: float) -> float | None:
     """Mean length of the runs that ended in the last 24 h (a retried attempt counts too)."""
-    return _mean_since(state.run_end_at, state.run_sums, now - DAY)
+    count, total = _since(state.run_end_at, state.run_sums, now - DAY)
+    return total / count if count else None
 
 
 def gpu_allocation(state: QueueState) -> dict[str, Any]:
@@ -119,6 +128,7 @@ def snapshot(state: QueueState) -> dict[str, Any]:
         "gpus": msgspec.to_builtins(state.gpus),
         "gpu_holder": {str(k): v for k, v in sorted(state.gpu_holder.items())},
         "waits": {"count": len(state.wait_at), "sum": round(state.wait_sums[-1], 6)},
+        "waits_taken_back": [list(pair) for pair in state.waits_taken_back],
         "runs": {"count": len(state.run_end_at), "sum": round(state.run_sums[-1], 6)},
         "users": {str(k): msgspec.to_builtins(u) for k, u in sorted(state.users.items())},
         "tokens": {k: msgspec.to_builtins(t) for k, t in sorted(state.tokens.items())},

@@ -22,7 +22,7 @@ from events.log import verify_rows
 from events.types import JobDispatched
 from projections.fold import apply, fold
 from projections.state import QueueState
-from projections.views import gpu_allocation, snapshot, stats
+from projections.views import DAY, avg_wait_seconds, gpu_allocation, snapshot, stats
 from service import scheduler
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -121,6 +121,29 @@ def test_the_recorded_logs_are_what_they_claim(name: str) -> None:
         (late,) = [r for r in records if getattr(r.event, "ended_at", None) is not None]
         assert late.event.ended_at < late.at  # type: ignore[union-attr]
         assert state.jobs[late.event.job_id].completed_at == late.event.ended_at  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", LOGS)
+def test_avg_wait_is_the_mean_over_the_entries_of_jobs_started_in_the_last_day(
+    name: str,
+) -> None:
+    """SPEC 7's formula read straight off the job entries, at every instant of the log:
+    a re-queued job counts once, with the start it has now (or not at all, while it waits
+    again)."""
+    records = recorded(name)
+    state = QueueState()
+    requeued_jobs_started_again = 0
+    for record in records:
+        apply(state, record)
+        if record.type == "job.dispatched" and record.event.attempt > 1:  # type: ignore[union-attr]
+            requeued_jobs_started_again += 1
+        for now in (record.at, record.at + 3600.0, record.at + DAY - 1.0, record.at + DAY + 1.0):
+            waits = [job.started_at - job.queued_at for job in state.jobs.values()
+                     if job.started_at is not None and job.started_at >= now - DAY]
+            expected = sum(waits) / len(waits) if waits else None
+            got = avg_wait_seconds(state, now)
+            assert got == pytest.approx(expected, abs=1e-6), f"at seq {record.seq}, now {now}"
+    assert requeued_jobs_started_again > 0  # the log shows the case this test is about
 
 
 @pytest.mark.parametrize("name", LOGS)
