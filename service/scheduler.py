@@ -229,6 +229,7 @@ class _Pass:
         self.free = set(state.free_gpus())
         self.inventory = frozenset(d.index for d in state.gpus)
         self.reserved: set[int] | None = set()  # None: every GPU is reserved
+        self.reserved_for = ""  # the job the reservation is for
         self.local_blocked = False
         self.stopped = False
 
@@ -269,8 +270,8 @@ class _Pass:
             if self.reserved is _ALL_GPUS:  # it takes no GPU, but it would take a local slot
                 return Placement(False, reason=Reason(
                     "reserved_for_higher_priority",
-                    "a higher-priority job waits for GPUs; no lower-priority local job "
-                    "starts before it"))
+                    f"job {self.reserved_for}, ahead of it in the queue, waits for GPUs; no "
+                    "local job behind it starts before it"))
             return Placement(True)
         outgrown = self._outgrown(job)
         if outgrown is not None:  # the inventory shrank after submission: wait, reserve nothing
@@ -290,7 +291,8 @@ class _Pass:
         if self.reserved != set() and self._choose(job, set()) is not None:
             return Placement(False, reason=Reason(
                 "reserved_for_higher_priority",
-                "the free GPUs are held for a higher-priority job that waits for GPUs"))
+                f"the free GPUs it could use are held for job {self.reserved_for}, ahead of "
+                "it in the queue, which waits for GPUs"))
         return Placement(False, reason=Reason("gpus_busy", self._busy_detail(job)))
 
     def _outgrown(self, job: JobEntry) -> str | None:
@@ -350,6 +352,7 @@ class _Pass:
             self.local_blocked = True
         elif code in ("gpus_busy", "local_gpu_limit") and self.reserved == set():
             self.reserved = self._reservation(job, code)
+            self.reserved_for = job.job_id
 
     def _reservation(self, job: JobEntry, code: str) -> set[int] | None:
         """What the first local job that waits for GPUs holds back from the jobs after it."""

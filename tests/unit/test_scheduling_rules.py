@@ -397,6 +397,15 @@ def test_a_job_over_a_lowered_gpu_limit_waits_and_reserves_nothing() -> None:
     world.submit(ALICE, "later", now=5.0, num_processes=1)
     assert world.schedule(6.0) == []  # big waits for free GPUs again, and reserves them
     assert world.reason("later", 6.0) == "reserved_for_higher_priority"
+    world.submit(BOB, "cpu", now=7.0, num_processes=0)
+    details = {job_id: explain(world.state, job_id, 8.0).reasons[0].detail
+               for job_id in ("later", "cpu")}
+    assert details == {
+        "later": "the free GPUs it could use are held for job big, ahead of it in the queue, "
+                 "which waits for GPUs",
+        "cpu": "job big, ahead of it in the queue, waits for GPUs; no local job behind it "
+               "starts before it",
+    }
     world.assert_replay_equal()
 
 
