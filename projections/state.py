@@ -97,16 +97,18 @@ class PendingIndex:
     order at every instant, and the global order is a merge of at most a few levels.
 
     - ``levels[L]``: every pending job at level L (positions, listings): a SortedList;
-    - ``by_user[(user, L)]``: one user's jobs at level L (the scheduler's skip-and-continue):
-      a sorted deque, since jobs join at the back and mostly leave from the front;
-    - ``heads[L]``: the first job of each user at level L: a sorted list (one per user).
+    - ``by_user[(user, team, L)]``: one user's jobs at level L submitted in one team (the
+      scheduler's skip-and-continue: a user or team limit holds all of them): a sorted
+      deque, since jobs join at the back and mostly leave from the front. A job keeps the
+      team it was submitted in, so a user moved to another team has a stream in each;
+    - ``heads[L]``: the first job of each of those streams at level L: a sorted list.
     """
 
     __slots__ = ("levels", "by_user", "heads", "enabled")
 
     def __init__(self) -> None:
         self.levels: dict[StreamLevel, SortedList] = {}
-        self.by_user: dict[tuple[int, StreamLevel], deque[OrderKey]] = {}
+        self.by_user: dict[tuple[int, str | None, StreamLevel], deque[OrderKey]] = {}
         self.heads: dict[StreamLevel, list[OrderKey]] = {}
         self.enabled = True
 
@@ -124,9 +126,10 @@ class PendingIndex:
         if jobs is None:
             jobs = self.levels[level] = SortedList()
         jobs.add(key)
-        mine = self.by_user.get((job.user_id, level))
+        stream = (job.user_id, job.team_id, level)
+        mine = self.by_user.get(stream)
         if mine is None:
-            self.by_user[(job.user_id, level)] = deque((key,))
+            self.by_user[stream] = deque((key,))
             old_head = None
         else:
             old_head = mine[0]
@@ -149,7 +152,8 @@ class PendingIndex:
         jobs.remove(key)
         if not jobs:
             del self.levels[level]
-        mine = self.by_user[(job.user_id, level)]
+        stream = (job.user_id, job.team_id, level)
+        mine = self.by_user[stream]
         was_head = mine[0] == key
         _delete(mine, key)
         if was_head:
@@ -160,7 +164,7 @@ class PendingIndex:
             elif not heads:
                 del self.heads[level]
         if not mine:
-            del self.by_user[(job.user_id, level)]
+            del self.by_user[stream]
 
     def copy(self) -> PendingIndex:
         twin = PendingIndex()
@@ -173,16 +177,16 @@ class PendingIndex:
     def rebuild(self, pending: list[JobEntry]) -> None:
         """Build the whole index at once (after a replay that ran with it disabled)."""
         grouped: dict[StreamLevel, list[OrderKey]] = {}
-        mine: dict[tuple[int, StreamLevel], list[OrderKey]] = {}
+        mine: dict[tuple[int, str | None, StreamLevel], list[OrderKey]] = {}
         for job in pending:
             level = job.level
             key = job.order_key
             grouped.setdefault(level, []).append(key)
-            mine.setdefault((job.user_id, level), []).append(key)
+            mine.setdefault((job.user_id, job.team_id, level), []).append(key)
         self.levels = {level: SortedList(keys) for level, keys in grouped.items()}
-        self.by_user = {ul: deque(sorted(keys)) for ul, keys in mine.items()}
+        self.by_user = {stream: deque(sorted(keys)) for stream, keys in mine.items()}
         heads: dict[StreamLevel, list[OrderKey]] = {}
-        for (_, level), keys in self.by_user.items():
+        for (_, _, level), keys in self.by_user.items():
             heads.setdefault(level, []).append(keys[0])
         self.heads = {level: sorted(keys) for level, keys in heads.items()}
         self.enabled = True

@@ -39,7 +39,9 @@ nothing, like one the inventory can no longer hold.
 
 A pass visits the jobs it can start and the heads of held users, not the whole queue:
 a user (or team) at its limit stays at it for the rest of the pass, so the walk stops
-following that user's stream; a level whose jobs can no longer start is dropped.
+following that user's stream of jobs in that team (a job keeps the team it was submitted
+in: a user moved to another team has a stream in each); a level whose jobs can no longer
+start is dropped.
 """
 
 from __future__ import annotations
@@ -424,8 +426,8 @@ def _walk(
         walk.record(job, placement)
         yield job, placement
         if placement.reason is not None and placement.reason.code in ("user_limit", "team_limit"):
-            continue  # the user stays held for the rest of the pass
-        mine = index.by_user[(job.user_id, level)]
+            continue  # the user (and team) stays held for the rest of the pass
+        mine = index.by_user[(job.user_id, job.team_id, level)]
         following = at + 1 if kind == _NEXT else 1
         if following < len(mine):
             queued_at, seq, next_id = mine[following]

@@ -77,7 +77,7 @@ def _users_pending(state: QueueState, user_id: int, now: float) -> list[tuple[Jo
     jobs = state.jobs
     mine = [
         (job, scheduler.position(state, job, now) or 0)
-        for (owner, _), keys in state.pending.by_user.items() if owner == user_id
+        for (owner, _, _), keys in state.pending.by_user.items() if owner == user_id
         for job in (jobs[key[2]] for key in keys)
     ]
     mine.sort(key=lambda placed: placed[1])

@@ -74,6 +74,8 @@ CAROL = Actor(user_id=5, name="carol", level="researcher", team_id="beta")
 DAVE = Actor(user_id=6, name="dave", level="researcher")
 VIEWER = Actor(user_id=7, name="vera", level="viewer", team_id="beta")
 ACTORS = [ADMIN, LEAD, ALICE, BOB, CAROL, DAVE, VIEWER]
+# alice once an admin has moved her to team beta: the jobs she submitted before keep alpha
+ALICE_IN_BETA = Actor(user_id=3, name="alice", level="researcher", team_id="beta")
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -505,7 +507,7 @@ JobRequest = tuple[Actor, "int | None", "list[int] | None", bool, bool, "float |
 
 def job_requests() -> st.SearchStrategy[JobRequest]:
     return st.tuples(
-        st.sampled_from(ACTORS + [ALICE, BOB, CAROL]),
+        st.sampled_from(ACTORS + [ALICE, BOB, CAROL, ALICE_IN_BETA]),
         st.sampled_from([None, 0, 0, 1, 1, 1, 2, 3]),
         st.none() | st.lists(st.integers(0, 3), min_size=1, max_size=2, unique=True),
         st.sampled_from([False, False, True]),

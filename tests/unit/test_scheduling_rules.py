@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 from scenario import ADMIN, ALICE, BOB, CAROL, DAVE, LEAD, VIEWER, World, config
 
@@ -406,6 +407,27 @@ def test_a_job_over_a_lowered_gpu_limit_waits_and_reserves_nothing() -> None:
         "cpu": "job big, ahead of it in the queue, waits for GPUs; no local job behind it "
                "starts before it",
     }
+    world.assert_replay_equal()
+
+
+@pytest.mark.parametrize("new_team", ["beta", None])
+def test_a_user_moved_to_another_team_is_held_only_where_the_team_is_full(
+    new_team: str | None,
+) -> None:
+    """A job keeps the team it was submitted in. Alice's job from her old, full team
+    waits; the one she submitted after moving starts, in the same pass, and ``no_wait``
+    takes it for one that can start."""
+    world = World(max_concurrent=10, user_max_concurrent=5, team_max_concurrent=1,
+                  enable_fair_share=True, local_job_max_concurrent=10)
+    world.submit(BOB, "bob1", now=0.0)
+    assert world.schedule(1.0) == ["bob1"]
+    world.submit(ALICE, "a1", now=2.0)
+    moved = msgspec.structs.replace(ALICE, team_id=new_team)
+    outcome = world.submit(moved, "a2", now=3.0, no_wait=True)
+    assert outcome.events  # accepted: it can start now
+    assert world.reasons("a2", 4.0) == ["ready", "jobs_ahead"]
+    assert world.schedule(4.0) == ["a2"]
+    assert world.reason("a1", 4.0) == "team_limit"
     world.assert_replay_equal()
 
 
