@@ -51,6 +51,7 @@ __all__ = [
     "Cleanup", "CreateUser", "UpdateUser", "IssueToken", "RevokeToken", "ObserveInventory",
     "ReportStarted", "ReportExited", "ReportFailed", "ReportCancelled", "ExpireApprovals",
     "Process", "Command", "MAX_METADATA_BYTES", "MIN_STARVATION_THRESHOLD_MINUTES",
+    "APPROVAL_REQUESTED",
 ]
 
 MAX_METADATA_BYTES = 64 * 1024
@@ -458,10 +459,13 @@ def resolve_spec(command: Submit, state: QueueState) -> JobSpec:
     )
 
 
+APPROVAL_REQUESTED = "approval was requested at submission"  # the reason, as recorded
+
+
 def approval_needed(spec: JobSpec, requested: bool, actor: Actor, settings: Settings) -> str | None:
     """SPEC section 5: why this job must wait for an admin, or ``None``."""
     if requested:
-        return "approval was requested at submission"
+        return APPROVAL_REQUESTED
     cost = spec.estimated_cost
     if cost is not None and cost > settings.approval_cost_threshold and actor.level != "admin":
         return (f"estimated_cost {cost:g} exceeds approval_cost_threshold "

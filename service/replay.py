@@ -61,6 +61,7 @@ from projections.state import JobEntry, QueueState
 from projections.views import gpu_allocation, stats
 from service import scheduler
 from service.commands import (
+    APPROVAL_REQUESTED,
     LOCAL_ADMIN,
     Actor,
     Approve,
@@ -75,7 +76,6 @@ from service.commands import (
     ReportFailed,
     SetPriority,
     Submit,
-    approval_needed,
     handle,
     validated_settings,
 )
@@ -517,7 +517,6 @@ def _submit_input(event: JobSubmitted, state: QueueState, at: float) -> tuple[Su
     actor = Actor(user_id=event.user_id, name=_user_name(state, event.user_id), level=level,
                   team_id=event.team_id)
     spec = event.spec
-    by_cost = approval_needed(spec, False, actor, state.settings) is not None
     command = Submit(
         job_id=event.job_id,
         config_name=spec.config_name,
@@ -531,7 +530,8 @@ def _submit_input(event: JobSubmitted, state: QueueState, at: float) -> tuple[Su
         ),
         target="local" if spec.target == "local" else "auto",
         any_gpu=spec.any_gpu,
-        requires_approval=event.requires_approval and not by_cost,
+        # only an approval the submitter asked for: the cost rule is the replay's to apply
+        requires_approval=event.approval_reason == APPROVAL_REQUESTED,
         worker_labels=dict(spec.worker_labels),
         max_attempts=event.max_attempts,
         metadata=dict(event.metadata),

@@ -205,6 +205,24 @@ def test_what_if_counts_requests_the_new_settings_refuse(day_db: Path) -> None:
     assert report.refused.get("Submit", 0) > 0  # 2- and 4-GPU jobs could never start
 
 
+def test_what_if_keeps_an_approval_the_submitter_asked_for(tmp_path: Path) -> None:
+    """Alice asked for approval of a job that also costs more than the threshold; nobody
+    approved it. A higher threshold lifts the cost rule, not her request: it still waits.
+    Bob's job was blocked by its cost alone: under the higher threshold it starts."""
+    world = World(gpu_count=1, local_job_max_concurrent=2)
+    world.submit(ALICE, "asked", now=0.0, estimated_cost=75.0, requires_approval=True)
+    world.submit(BOB, "costly", now=0.0, estimated_cost=75.0)
+    world.schedule(0.0)
+    assert [world.state.jobs[j].approval_reason for j in ("asked", "costly")] == [
+        "approval was requested at submission",
+        "estimated_cost 75 exceeds approval_cost_threshold 50",
+    ]
+    log = records(write_log(world, tmp_path / "asked.db"))
+    report = what_if(log, {"approval_cost_threshold": 1000.0})
+    started = {row.name: row.what_if.started for row in report.rows if row.group == "user"}
+    assert started == {str(ALICE.user_id): 0, str(BOB.user_id): 1}
+
+
 @pytest.mark.parametrize("bad", [["max_concurrent"], ["max_concurrent=0"], ["nope=1"],
                                  ["max_concurrent=ten"], ["enable_fair_share=2"]])
 def test_what_if_settings_are_checked(bad: list[str]) -> None:
