@@ -283,6 +283,20 @@ def test_a_writer_killed_mid_stream_loses_no_acknowledged_event(
     log.close()
 
 
+def test_an_append_is_acknowledged_only_once_it_is_on_disk(log_path: Path) -> None:
+    """A SIGKILL leaves the OS page cache behind, so the test above passes even without
+    fsync; what makes an acknowledged append survive a power cut is these two settings
+    (WAL with synchronous=FULL syncs the WAL at every commit). A pragma is per
+    connection, so it is read on the log's own."""
+    log = EventLog(log_path)
+    try:
+        connection = log._db  # noqa: SLF001 - the writer's settings, nowhere else to read
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert connection.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    finally:
+        log.close()
+
+
 def test_a_copy_taken_while_in_use_verifies(log_path: Path, tmp_path: Path) -> None:
     written = filled_log(log_path, 25)
     log = EventLog(log_path)
