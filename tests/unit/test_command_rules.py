@@ -165,6 +165,19 @@ def test_approval_expiry(timeout_hours: float, now: float, expired: bool) -> Non
     world.assert_replay_equal()
 
 
+def test_a_priority_change_does_not_save_a_blocked_job_from_expiry() -> None:
+    """Expiry walks the blocked jobs oldest first and stops at the first one still in
+    time: a priority set on the old job after the young one was submitted must not move
+    it behind the young one."""
+    world = World(approval_timeout_hours=1.0)
+    world.submit(ALICE, "old", now=0.0, requires_approval=True)
+    world.submit(BOB, "young", now=600.0, requires_approval=True)
+    world.do(SetPriority("old", 50), LEAD, now=900.0)
+    world.do(ExpireApprovals(), now=HOUR + 1.0)
+    assert world.statuses() == {"old": "rejected", "young": "blocked"}
+    world.assert_replay_equal()
+
+
 def test_approved_jobs_never_expire() -> None:
     world = World()
     world.submit(ALICE, "j", now=0.0, requires_approval=True)
