@@ -597,6 +597,17 @@ def test_cleanup_purges_old_terminal_entries_from_the_view_only() -> None:
     world.assert_replay_equal()
 
 
+def test_cleanup_keeps_an_entry_that_ended_exactly_days_ago() -> None:
+    """"Older than ``days``": one that ended exactly at the cutoff stays."""
+    world = World(local_job_max_concurrent=5)
+    world.submit(ALICE, "j", now=0.0)
+    world.schedule(0.0)
+    world.do(ReportExited(job_id="j", exit_code=0), now=10 * DAY)
+    assert world.do(Cleanup(30), ADMIN, now=40 * DAY).count == 0
+    assert world.do(Cleanup(30), ADMIN, now=40 * DAY + 0.5).count == 1
+    assert "j" not in world.state.jobs
+
+
 # ---------------------------------------------------------------- users and tokens
 
 
@@ -664,6 +675,32 @@ def test_retryable_failure_requeues_until_max_attempts() -> None:
             assert world.event_types()[-1] == "job.failed"
     assert world.schedule(10.0) == []
     assert world.state.free_gpus() == [0]
+    world.assert_replay_equal()
+
+
+def test_a_report_about_a_job_that_is_not_running_changes_nothing() -> None:
+    """Executors may report twice (a retry after a lost answer) or late (the job was
+    cancelled meanwhile): a start is recorded once, and an end only for a running job."""
+    world = World(local_job_max_concurrent=5)
+    world.submit(ALICE, "run", now=0.0)
+    world.submit(BOB, "queued", now=0.0)
+    world.do(ChangeSettings({"max_concurrent": 1}), ADMIN, now=0.0)
+    assert world.schedule(1.0) == ["run"]
+    assert world.do(ReportStarted(job_id="run", pid=100, process_start_time=5), now=2.0).events
+    late = [
+        ("run", ReportStarted(job_id="run", pid=200, process_start_time=6)),
+        ("queued", ReportStarted(job_id="queued", pid=300, process_start_time=7)),
+        ("queued", ReportCancelled(job_id="queued")),
+        ("queued", ReportExited(job_id="queued", exit_code=0)),
+        ("queued", ReportFailed(job_id="queued", error="lost", retryable=True)),
+        ("nobody", ReportCancelled(job_id="nobody")),
+    ]
+    for job_id, report in late:
+        assert world.do(report, now=3.0).events == [], (job_id, report)
+    assert (world.state.jobs["run"].pid, world.status("queued")) == (100, "pending")
+    world.do(ReportExited(job_id="run", exit_code=0), now=4.0)
+    assert world.do(ReportCancelled(job_id="run"), now=5.0).events == []
+    assert world.status("run") == "completed"
     world.assert_replay_equal()
 
 
