@@ -61,6 +61,7 @@ def seal(
     event: AnyEvent,
 ) -> Recorded:
     """Wrap an event in its envelope and link it to the chain."""
+    at += 0.0  # -0.0 becomes 0.0, as SQLite stores it: the hash covers what is stored
     data = encode_event(event)
     tag: str = event.__struct_config__.tag  # type: ignore[assignment]
     digest = chain_hash(
