@@ -3,6 +3,7 @@ priority overrides, limits, a scheduling pass, cleanup."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 
@@ -283,7 +284,12 @@ async def test_seed_cleanup_removes_old_finished_entries_only(data_dir) -> None:
         assert week["deleted"] == 1 and api.state.jobs[active].status == "running"
         # the log keeps every event: the audit export still has the purged jobs
         export = await api.client.get("/api/audit/export", params={"job_id": "oldjob000001"})
-        assert [line for line in export.text.splitlines() if line]
+        assert export.status_code == 200
+        lines = [json.loads(line) for line in export.text.splitlines() if line]
+        assert [line["type"] for line in lines] == [
+            "job.submitted", "job.cancelled", "queue.entries_purged"]
+        assert [line["data"].get("job_id") for line in lines] == ["oldjob000001"] * 2 + [None]
+        assert lines[-1]["data"]["job_ids"] == ["oldjob000001"]
         assert (await api.post("/api/queue/cleanup")).json()["days"] == 30
 
 
