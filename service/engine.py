@@ -180,10 +180,10 @@ class Engine:
     # ------------------------------------------------------------ the write loop
 
     async def _tick_loop(self) -> None:
-        # every batch expires approvals first: this request is the periodic pass (aging)
+        """The periodic pass (aging); its batch expires approvals first, as every batch."""
         while True:
             await anyio.sleep(self.tick_seconds)
-            self._send.send_nowait(_Request(ExpireApprovals(), SYSTEM, None))
+            self._send.send_nowait(_Request(Process(), SYSTEM, None))
 
     async def _write_loop(self) -> None:
         async with self._receive:
@@ -306,9 +306,7 @@ class Engine:
             if kind is Process:
                 # a pass of its own, so that its answer can name what it dispatched
                 mine = mine + self._schedule(now, records, request.correlation_id)
-            wants_pass = (
-                wants_pass or bool(outcome.events) or kind is Process or kind is ExpireApprovals
-            )
+            wants_pass = wants_pass or bool(outcome.events) or kind is Process
             answers.append((request, outcome, mine))
         if wants_pass:
             self._schedule(now, records, batch[-1].correlation_id if len(batch) == 1 else None)

@@ -49,7 +49,6 @@ from service.commands import (
     Command,
     ConfigSpec,
     DomainError,
-    ExpireApprovals,
     ObserveInventory,
     Process,
     Reject,
@@ -710,7 +709,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([1, 29, 30, 61, 600, 1800, 3600, 7200, 90000]))
     def time_passes(self, seconds: int) -> None:
         self.clock.now += seconds
-        self.execute(ExpireApprovals(), SYSTEM)  # what the periodic tick sends
+        self.execute(Process(), SYSTEM)  # what the periodic tick sends
 
     @rule()
     def process(self) -> None:
