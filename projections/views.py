@@ -76,7 +76,7 @@ def by_status(state: QueueState) -> dict[str, int]:
 def stats(state: QueueState, now: float) -> dict[str, Any]:
     """``GET /api/queue/stats`` in the seed's shape; counts cover all targets."""
     s = state.settings
-    pending_local = state.status_counts["pending"]
+    pending_local = state.status_counts["pending"]  # every job is local: no worker exists
     return {
         "queue_depth": state.status_counts["pending"],
         "running": state.running_total,

@@ -298,6 +298,10 @@ class _Pass:
         return Placement(False, reason=Reason("gpus_busy", self._busy_detail(job)))
 
     def _outgrown(self, job: JobEntry) -> str | None:
+        """Why a job accepted at submit (``never_fits`` let it in) cannot start on the
+        inventory as it is now. Unlike at submit, ``any_gpu`` makes ``device_ids``
+        irrelevant here: submit refuses indices that do not exist at all; a job that
+        may take any GPU can still run when one of them has gone."""
         spec = job.spec
         if spec.num_processes > len(self.inventory):
             return (f"it needs {plural(spec.num_processes, 'GPU')} and the GPU inventory now has "
