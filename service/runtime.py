@@ -25,11 +25,12 @@ __all__ = ["Runtime", "resolve_data_dir", "lock_data_dir"]
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
-    """The argument, else ``GPUYARD_DATA_DIR``, else ``~/.gpuyard`` (SPEC section 1)."""
+    """The argument, else ``GPUYARD_DATA_DIR``, else ``~/.gpuyard`` (SPEC section 1), made
+    absolute once: jobs run in their own directories and are handed paths inside it."""
     chosen = data_dir if data_dir not in (None, "") else os.environ.get("GPUYARD_DATA_DIR")
     if not chosen:
         chosen = Path.home() / ".gpuyard"
-    return Path(chosen).expanduser()
+    return Path(chosen).expanduser().absolute()
 
 
 class Runtime:

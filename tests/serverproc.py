@@ -78,14 +78,16 @@ class ServerProcess:
         port: int | None = None,
         env: dict[str, str] | None = None,
         startup_timeout: float = 30.0,
+        cwd: Path = REPO_ROOT,
     ) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir)  # relative: to ``cwd``, as the server sees it
+        self.cwd = cwd
         self.gpus = gpus
         self.port = port or free_port()
         self.extra_env = dict(env or {})
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = self.data_dir / "server.log"
+        self.log_path = cwd / self.data_dir / "server.log"
 
     @property
     def url(self) -> str:
@@ -101,12 +103,12 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("the server is already running")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.cwd / self.data_dir).mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
         env.pop("GPUYARD_GPUS", None)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                self.argv(), cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                self.argv(), cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT,
             )
         self._wait_until_answering()
@@ -149,7 +151,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         if kill_jobs:
-            kill_job_processes(self.data_dir)
+            kill_job_processes(self.cwd / self.data_dir)
 
     def restart(self) -> ServerProcess:
         """Stop it if it runs, then start it again on the same port and data dir."""

@@ -5,8 +5,10 @@ Real ``gpuyard serve`` processes on loopback."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -66,6 +68,30 @@ def test_the_flag_wins_over_gpuyard_data_dir(tmp_path: Path) -> None:
     assert STARTED in server.log_path.read_text()
 
 
+def test_a_relative_data_dir_runs_jobs(tmp_path: Path) -> None:
+    """``make run`` passes ``--data-dir data``: jobs run in their own directories, so the
+    server must not hand them paths relative to where it was started."""
+    (tmp_path / "data" / "configs").mkdir(parents=True)
+    (tmp_path / "data" / "configs" / "hello.toml").write_text(
+        'command = ["sh", "-c", "echo hello from $PWD"]\nnum_processes = 0\n')
+    server = ServerProcess(Path("data"), gpus="none", cwd=tmp_path)
+    server.start()
+    try:
+        submitted = httpx.post(server.url + "/api/queue/submit",
+                               json={"config_name": "hello"}, timeout=30.0)
+        assert submitted.status_code == 201, submitted.text
+        job_id = submitted.json()["job_id"]
+        deadline = time.monotonic() + 30
+        while (entry := httpx.get(f"{server.url}/api/queue/{job_id}", timeout=30.0).json())[
+                "status"] in ("pending", "running") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        logs = httpx.get(f"{server.url}/api/queue/{job_id}/logs", timeout=30.0).text
+    finally:
+        server.stop(kill_jobs=True)
+    assert (entry["status"], entry["exit_code"], entry["attempt"]) == ("completed", 0, 1), entry
+    assert f"hello from {tmp_path / 'data' / 'runs' / job_id}" in logs
+
+
 def test_a_log_event_that_cannot_be_read_is_one_line_not_blamed_on_gpus(tmp_path: Path) -> None:
     log = EventLog(tmp_path / "events.db")  # seq 1 claims to be job.approved, holds {}
     log.execute_raw("INSERT INTO events VALUES (1, 1.0, 'job.approved', 'x', NULL, NULL, "
@@ -80,3 +106,16 @@ def test_a_log_event_that_cannot_be_read_is_one_line_not_blamed_on_gpus(tmp_path
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "cannot replay the event log" in lines[0] and "--gpus" not in lines[0]
+
+
+def test_an_empty_data_dir_is_refused_not_taken_for_the_default(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", "0",
+         "--data-dir", "", "--gpus", "none"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--data-dir" in done.stderr, done.stderr
+    assert "is empty" in done.stderr
+    assert not (tmp_path / ".gpuyard").exists()
