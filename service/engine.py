@@ -169,6 +169,32 @@ class Engine:
         assert request.result is not None
         return request.result
 
+    def execute_now(self, command: Command, actor: Actor) -> Committed:
+        """Run one command before the write loop runs (start-up), appending on this thread.
+
+        Raises the command's :class:`DomainError`, or :class:`LogError` when the log cannot
+        be written; the state is then read again from the log: nothing is half-applied.
+        Nobody has subscribed yet, so nobody is told.
+        """
+        if self._task_group is not None:
+            raise RuntimeError("the write loop runs: use execute")
+        request = _Request(command, actor, None)
+        self._catch_up()
+        records, answers = self._decide_batch([request], self._now())
+        if request.error is not None:
+            raise request.error
+        if records:
+            try:
+                self.log.append(records)
+            except LogError:
+                self._reload()
+                raise
+            self.state, self._work = self._work, self.state
+            self._missed = records
+        ((_, outcome, mine),) = answers
+        assert outcome is not None
+        return Committed(outcome, mine)
+
     async def wait_for(self, predicate: Callable[[QueueState], bool], timeout: float) -> bool:
         """Wait until ``predicate(state)`` holds after some commit, up to ``timeout``."""
         with anyio.move_on_after(timeout):

@@ -57,6 +57,7 @@ class Runtime:
             raise
         self.engine = Engine(self.event_log)
         self.configs = ConfigStore(self.data_dir / "configs")
+        self._inventory_recorded = False
 
     @property
     def runs_dir(self) -> Path:
@@ -67,18 +68,27 @@ class Runtime:
         """A separate read-only connection to the log (exports): never blocks the writer."""
         return EventLog(self.log_path, readonly=True)
 
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[Runtime]:
-        """Start the engine, record the inventory, start the local executor."""
-        from service.executors.local import LocalExecutor
-
-        async with self.engine.running():
-            await self.engine.execute(
+    def record_inventory(self) -> None:
+        """Record the GPU inventory if it changed (a pass may follow), before anything runs:
+        the first write of a start-up, so a log that cannot be written is found here.
+        Raises :class:`events.log.LogError`."""
+        if not self._inventory_recorded:
+            self.engine.execute_now(
                 ObserveInventory(
                     backend=self.inventory.backend, devices=tuple(self.inventory.devices)
                 ),
                 SYSTEM,
             )
+            self._inventory_recorded = True
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Runtime]:
+        """Record the inventory (if :meth:`record_inventory` has not), start the engine and
+        the local executor."""
+        from service.executors.local import LocalExecutor
+
+        self.record_inventory()
+        async with self.engine.running():
             executor = LocalExecutor(self.engine, self.runs_dir)
             async with anyio.create_task_group() as task_group:
                 await task_group.start(executor.run)

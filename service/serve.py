@@ -2,9 +2,10 @@
 run uvicorn.
 
 A mistake in the arguments (a malformed ``--gpus``, a port that is taken, a data
-directory that cannot be used, a log that cannot be opened or replayed) is one line on
-stderr and exit status 2, before anything starts: the port is bound before the log is
-replayed, so a server that cannot listen never launches a job.
+directory that cannot be used, a log that cannot be opened, replayed or written) is one
+line on stderr and exit status 2, before anything starts: the port is bound before the
+log is replayed, so a server that cannot listen never launches a job, and the start-up's
+first write (the GPU inventory) is made before the engine starts.
 
 Stopped by SIGTERM or SIGINT, uvicorn finishes its requests, then re-raises the signal
 so that the exit status says how the process ended. The runtime (the log's connection,
@@ -164,6 +165,12 @@ def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
         sock.close()
         _refuse(f"cannot replay the event log: an event in it cannot be read ({exc}); "
                 "`gpuyard audit verify --db <data-dir>/events.db` names the first bad seq")
+    try:
+        runtime.record_inventory()
+    except LogError as exc:
+        runtime.close()
+        sock.close()
+        _refuse(f"cannot write the event log: {exc}")
     app = create_app(runtime)
     _tune_gc()
     structlog.get_logger("gpuyard.serve").info(

@@ -119,3 +119,21 @@ def test_an_empty_data_dir_is_refused_not_taken_for_the_default(tmp_path: Path) 
     assert done.stderr.count("\n") == 1 and "--data-dir" in done.stderr, done.stderr
     assert "is empty" in done.stderr
     assert not (tmp_path / ".gpuyard").exists()
+
+
+def test_a_log_that_cannot_be_written_at_start_is_one_line(tmp_path: Path) -> None:
+    """The first write of a start-up (the GPU inventory) happens before the server
+    listens: a log that refuses it stops the start with one line, not uvicorn's traceback."""
+    log = EventLog(tmp_path / "events.db")
+    log.execute_raw("CREATE TRIGGER refuse BEFORE INSERT ON events "
+                    "BEGIN SELECT RAISE(ABORT, 'the disk is full, say'); END")
+    log.close()
+    done = subprocess.run(
+        [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", "0",
+         "--data-dir", str(tmp_path), "--gpus", "2"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and STARTED not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "gpuyard: error: cannot write the event log: append refused: the disk is full, say")
