@@ -10,6 +10,24 @@ import structlog
 __all__ = ["configure_logging"]
 
 
+class _DroppingPrintLogger(structlog.PrintLogger):
+    """Prints as structlog's does; a line that cannot be written is dropped.
+
+    The server logs from the engine and the executor: a closed stderr (the reader of a
+    pipe went away, a full disk under a redirect) must cost the log lines, not stop the
+    queue (the error would fail the request, or the report, that logged).
+    """
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except (OSError, ValueError):  # ValueError: the file was closed
+            pass
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     """Set up structlog (and the stdlib root logger) for the whole process."""
     if json is None:
@@ -29,6 +47,6 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_: _DroppingPrintLogger(sys.stderr),
         cache_logger_on_first_use=True,
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serverproc import REPO_ROOT, ServerProcess
+from serverproc import REPO_ROOT, ServerProcess, free_port
 
 from events.log import EventLog
 
@@ -137,3 +137,41 @@ def test_a_log_that_cannot_be_written_at_start_is_one_line(tmp_path: Path) -> No
     assert "Traceback" not in done.stderr and STARTED not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1] == (
         "gpuyard: error: cannot write the event log: append refused: the disk is full, say")
+
+
+def test_a_server_whose_stderr_goes_away_keeps_recording(tmp_path: Path) -> None:
+    """``gpuyard serve 2>&1 | tee log`` and the tee dies: log lines are lost, events not
+    (a failed log write used to fail the request, and the executor's reports, that logged)."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "quick.toml").write_text('command = ["true"]\nnum_processes = 0\n')
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port",
+         str(port), "--data-dir", str(tmp_path), "--gpus", "none"],
+        cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert server.stderr is not None
+        for line in server.stderr:  # until uvicorn serves
+            if "Uvicorn running" in line or "startup complete" in line.lower():
+                break
+        server.stderr.close()  # the reader goes away
+        answers = [httpx.post(url + "/api/queue/submit", json={"config_name": "quick"},
+                              timeout=30.0) for _ in range(3)]
+        assert [a.status_code for a in answers] == [201] * 3, [a.text for a in answers]
+        ids = [a.json()["job_id"] for a in answers]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            statuses = [httpx.get(f"{url}/api/queue/{job_id}", timeout=30.0).json()["status"]
+                        for job_id in ids]
+            if statuses == ["completed"] * 3:
+                break
+            time.sleep(0.1)
+        assert statuses == ["completed"] * 3
+        missing = httpx.post(url + "/api/queue/nosuch/cancel", timeout=30.0)
+        assert missing.status_code == 404  # an error's log line, lost too, is no 500
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
