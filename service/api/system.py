@@ -8,6 +8,7 @@ only), the recorded GPU inventory and, on request, which job holds which GPU.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from typing import Annotated, Any
 
 import anyio
 from litestar import Request, Response, Router, get
+from litestar.exceptions import HTTPException
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Stream
 from msgspec import Struct
@@ -158,6 +160,26 @@ async def system_status(
     )
 
 
+def _output_is_readable(path: Path) -> bool:
+    """Whether the job's output log exists; 409 when it is there but is not a plain file.
+
+    Jobs run in their directories and could put anything in its place: a directory (an
+    error half-way through a stream), a FIFO (a read that never ends) or a symlink (a
+    file that is not the job's output). ``lstat``: nothing is opened, nothing followed.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode)
+                else "a pipe" if stat.S_ISFIFO(mode) else "not a regular file")
+        raise HTTPException(status_code=409, detail=(
+            f"the job's output log {path} is {kind}, not the file the job wrote; "
+            "something in the job's directory replaced it"))
+    return True
+
+
 async def _whole_file(path: Path, offset: int = 0) -> AsyncIterator[bytes]:
     try:
         handle = await anyio.open_file(path, "rb")
@@ -173,7 +195,7 @@ async def _whole_file(path: Path, offset: int = 0) -> AsyncIterator[bytes]:
             yield chunk
 
 
-@get("/queue/{job_id:str}/logs", responses=error_responses(401, 403, 404, 422),
+@get("/queue/{job_id:str}/logs", responses=error_responses(401, 403, 404, 409, 422),
      summary="A job's output", tags=["queue"], media_type=TEXT)
 async def job_logs(
     request: Request[Any, Any, Any],
@@ -190,6 +212,8 @@ async def job_logs(
     runtime = runtime_of(request)
     visible_job(runtime.engine.state, job_id, actor)
     path = RunFiles(runtime.runs_dir, job_id).output
+    if not _output_is_readable(path):
+        return Response(b"", media_type=TEXT)  # it has not run yet
     if tail is None:
         return Stream(_whole_file(path, offset or 0), media_type=TEXT)
     content = await anyio.to_thread.run_sync(read_tail, path, tail)

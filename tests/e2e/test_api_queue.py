@@ -3,9 +3,11 @@ stats and ``me`` in the seed's shapes, position, one entry, explain."""
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime
 
+import anyio
 import pytest
 from api_harness import open_api
 
@@ -257,3 +259,29 @@ async def test_gpu_jobs_wait_for_gpus(api) -> None:
     assert why["reasons"][0]["code"] == "gpus_busy"
     other = await api.submit_ok("sleeper", num_processes=2)
     assert other["status"] == "running" and other["allocated_gpus"] == [2, 3]
+
+
+@pytest.mark.parametrize("replacement", ["directory", "fifo", "symlink"])
+async def test_logs_of_a_job_whose_output_file_was_replaced_are_a_409(
+    api, tmp_path, replacement
+) -> None:
+    """A job could put anything in place of its output log: a directory broke the stream
+    half-way (or gave a 500 with ``tail``), a FIFO never answered, a symlink was followed."""
+    job_id = (await api.submit_ok("cpu"))["job_id"]
+    await api.wait_started(job_id)
+    output = api.runtime.runs_dir / job_id / "output.log"
+    assert (await api.get(f"/api/queue/{job_id}/logs")).status_code == 200
+    output.unlink()
+    if replacement == "directory":
+        output.mkdir()
+    elif replacement == "fifo":
+        os.mkfifo(output)
+    else:
+        (tmp_path / "elsewhere").write_text("not the job's output\n")
+        output.symlink_to(tmp_path / "elsewhere")
+    for params in ({}, {"tail": 5}):
+        with anyio.fail_after(10):  # a FIFO would block the read forever
+            response = await api.get(f"/api/queue/{job_id}/logs", **params)
+        assert response.status_code == 409, response.text
+        detail = response.json()["detail"]
+        assert str(output) in detail and "not the file the job wrote" in detail
