@@ -5,7 +5,8 @@ runs on ``DIR``: for when no admin can sign in any more (the only admin's tokens
 lost, or the first user created was not an admin). It holds the data directory's lock
 (so it refuses while a server runs), folds the log, handles the same ``CreateUser``
 command the API sends, as the built-in local admin, and appends its events to the hash
-chain. It runs no scheduling pass: the server does that when it starts.
+chain, once it has verified the chain (it refuses to extend an altered log). It runs no
+scheduling pass: the server does that when it starts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from events.envelope import seal
-from events.log import EventLog
+from events.log import ChainBroken, EventLog
 from projections.fold import fold_batches
 from service.commands import LOCAL_ADMIN, CreateUser, handle
 from service.ids import new_token, new_token_id, token_hash
@@ -47,6 +48,11 @@ def add_user(
     try:
         log = EventLog(path)
         try:
+            try:  # a user appended to an altered log would vouch for it
+                log.verify()
+            except ChainBroken as exc:
+                raise OfflineError(f"{exc}; nothing was added (`gpuyard audit verify` "
+                                   "shows the same)") from None
             state = fold_batches(log.batches())
             token = new_token()
             command = CreateUser(name=name, level=level, team_id=team_id,

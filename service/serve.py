@@ -32,6 +32,7 @@ import msgspec
 import structlog
 
 from events.log import LogError
+from projections.fold import EventDoesNotFit
 from service.logging import configure_logging
 
 __all__ = ["serve"]
@@ -165,6 +166,11 @@ def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
         sock.close()
         _refuse(f"cannot replay the event log: an event in it cannot be read ({exc}); "
                 "`gpuyard audit verify --db <data-dir>/events.db` names the first bad seq")
+    except EventDoesNotFit as exc:
+        sock.close()
+        _refuse(f"cannot replay the event log: {exc}; `gpuyard audit verify --db "
+                "<data-dir>/events.db` names the first altered event (if it finds none, "
+                "this is a gpuyard bug)")
     try:
         runtime.record_inventory()
     except LogError as exc:

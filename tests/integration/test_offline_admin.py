@@ -10,7 +10,9 @@ import httpx
 from cli_runner import gpuyard, one_error_line
 from serverproc import ServerProcess
 
+from events.envelope import seal
 from events.log import EventLog
+from events.types import UserCreated
 from service.commands import LOCAL_ADMIN
 
 
@@ -53,3 +55,21 @@ def test_offline_add_refuses_a_directory_without_a_log(tmp_path: Path) -> None:
                                   "--data-dir", str(tmp_path / "nowhere")))
     assert "there is no event log at" in line
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_offline_add_refuses_to_extend_an_altered_log(tmp_path: Path) -> None:
+    """A user appended to an altered log would vouch for it: the chain is checked first."""
+    log = EventLog(tmp_path / "events.db")
+    for n in (1, 2, 3):
+        log.append([seal(log.last_hash, n, float(n), "x", None, None,
+                         UserCreated(user_id=n, name=f"u{n}", level="researcher"))])
+    log.execute_raw("DROP TRIGGER events_no_update")
+    log.execute_raw("UPDATE events SET actor = 'y' WHERE seq = 2")
+    log.close()
+    line = one_error_line(gpuyard("users", "add", "boss", "--level", "admin",
+                                  "--data-dir", str(tmp_path)))
+    assert line.startswith("gpuyard: error: hash chain broken at seq 2: stored hash does not")
+    assert "nothing was added" in line
+    log = EventLog(tmp_path / "events.db")
+    assert log.last_seq == 3
+    log.close()

@@ -15,7 +15,9 @@ import httpx
 import pytest
 from serverproc import REPO_ROOT, ServerProcess, free_port
 
+from events.envelope import seal
 from events.log import EventLog
+from events.types import JobDispatched, JobSpec, JobSubmitted
 
 pytestmark = pytest.mark.slow
 
@@ -175,3 +177,27 @@ def test_a_server_whose_stderr_goes_away_keeps_recording(tmp_path: Path) -> None
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_log_missing_an_event_is_named_in_one_line(tmp_path: Path) -> None:
+    """seq 2 (the job's submission) deleted behind the triggers' back: the dispatch after
+    it names a job the log never submitted."""
+    log = EventLog(tmp_path / "events.db")
+    spec = JobSpec(config_name="c", command=("true",), num_processes=0)
+    for event in (JobSubmitted(job_id="j1", user_id=0, spec=spec, priority=30),
+                  JobDispatched(job_id="j1")):
+        log.append([seal(log.last_hash, log.last_seq + 1, 1.0, "x", None, None, event)])
+    log.execute_raw("DROP TRIGGER events_no_delete")
+    log.execute_raw("DELETE FROM events WHERE seq = 1")
+    log.close()
+    done = subprocess.run(
+        [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", "0",
+         "--data-dir", str(tmp_path), "--gpus", "none"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(
+        "gpuyard: error: cannot replay the event log: seq 2 (job.dispatched) does not follow "
+        "from the events before it")
+    assert "audit verify" in done.stderr and "unexpected" not in done.stderr
