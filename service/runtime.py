@@ -1,9 +1,9 @@
 """The composition root: one data directory, its log, the engine, configs, GPUs, executor.
 
 ``Runtime(data_dir, gpus)`` builds everything without starting anything; ``async with
-runtime.running():`` starts the engine's write loop, records the GPU inventory as an
-event (only when it changed) and starts the local executor, and stops them in reverse
-order when the block ends.
+runtime.running():`` records the GPU inventory as an event (only when it changed),
+starts the check of the replayed log's hash chain, the engine's write loop and the
+local executor, and stops them in reverse order when the block ends.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 
 from events.log import EventLog
+from service.chain_check import ChainCheck
 from service.commands import SYSTEM, ObserveInventory
 from service.configs import ConfigStore
 from service.engine import Engine
@@ -88,14 +89,19 @@ class Runtime:
         from service.executors.local import LocalExecutor
 
         self.record_inventory()
-        async with self.engine.running():
-            executor = LocalExecutor(self.engine, self.runs_dir)
-            async with anyio.create_task_group() as task_group:
-                await task_group.start(executor.run)
-                try:
-                    yield self
-                finally:
-                    task_group.cancel_scope.cancel()
+        check = ChainCheck(self.log_path, self.engine.replayed_seq)
+        check.start()
+        try:
+            async with self.engine.running():
+                executor = LocalExecutor(self.engine, self.runs_dir)
+                async with anyio.create_task_group() as task_group:
+                    await task_group.start(executor.run)
+                    try:
+                        yield self
+                    finally:
+                        task_group.cancel_scope.cancel()
+        finally:
+            check.stop()
 
     def close(self) -> None:
         """Close the log and release the data directory; a second call does nothing."""

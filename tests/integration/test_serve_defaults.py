@@ -5,6 +5,7 @@ Real ``gpuyard serve`` processes on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -201,3 +202,35 @@ def test_a_log_missing_an_event_is_named_in_one_line(tmp_path: Path) -> None:
         "gpuyard: error: cannot replay the event log: seq 2 (job.dispatched) does not follow "
         "from the events before it")
     assert "audit verify" in done.stderr and "unexpected" not in done.stderr
+
+
+def test_a_server_checks_the_chain_it_started_from(tmp_path: Path) -> None:
+    """Start-up replays without hashing; a thread beside the server verifies the chain and
+    says so in the server's log, loudly when it was altered. The server still serves."""
+    for name, alter in (("intact", False), ("altered", True)):
+        data_dir = tmp_path / name
+        data_dir.mkdir()
+        log = EventLog(data_dir / "events.db")
+        for n in (1, 2, 3):
+            log.append([seal(log.last_hash, n, float(n), "x", None, None,
+                             JobSubmitted(job_id=f"j{n}", user_id=0, priority=30,
+                                          spec=JobSpec(config_name="c", command=("true",),
+                                                       num_processes=0)))])
+        if alter:
+            log.execute_raw("DROP TRIGGER events_no_update")
+            log.execute_raw("UPDATE events SET actor = 'someone else' WHERE seq = 2")
+        log.close()
+        with ServerProcess(data_dir, gpus="none") as server:
+            deadline = time.monotonic() + 30
+            while "event_log_" not in server.log_path.read_text():
+                assert time.monotonic() < deadline, server.log_tail()
+                time.sleep(0.05)
+            assert httpx.get(server.url + "/api/queue/stats", timeout=30.0).status_code == 200
+        lines = [json.loads(line) for line in server.log_path.read_text().splitlines()
+                 if line.startswith("{") and '"event_log_' in line]
+        assert len(lines) == 1, lines
+        if alter:
+            assert (lines[0]["event"], lines[0]["level"], lines[0]["seq"]) == (
+                "event_log_chain_broken", "critical", 2)
+        else:
+            assert (lines[0]["event"], lines[0]["events"]) == ("event_log_verified", 3)
