@@ -1,30 +1,56 @@
 """Job configs: TOML files ``<data-dir>/configs/<name>.toml`` (SPEC section 2).
 
 A config is read with :mod:`tomllib` into :class:`service.commands.ConfigSpec`; a file is
-parsed again only when its size or modification time changes, and looked at (``stat``)
-at most once per ``recheck_seconds`` (1 s): a system call costs tens of microseconds on
-a small VM and every submission resolves a config. An edit made to a file directly is
-therefore seen within a second; a ``put`` is seen at once. ``put`` writes TOML
-atomically (temporary file, fsync, rename) after checking that it reads back to the
-same config. An unknown name is :class:`UnknownConfig` (404); a file that does not parse
-or holds wrong fields is :class:`InvalidRequest` (422) whose detail names the file.
+parsed again only when its ``stat`` changes (size, modification or change time, inode,
+device: ``chmod`` changes only the change time), and looked at at most once per
+``recheck_seconds`` (1 s): a system call costs tens of microseconds on a small VM and
+every submission resolves a config. An edit made to a file directly is therefore seen
+within a second; a ``put`` is seen at once. A file that could not be read is read again
+at the next look whatever its ``stat`` says. ``put`` writes TOML atomically (temporary
+file, fsync, rename) after checking that it reads back to the same config.
+
+An unknown name is :class:`UnknownConfig` (404); a missing directory holds no configs
+and a ``put`` creates it again. A ``<name>.toml`` that does not parse, holds wrong
+fields, cannot be read, is a directory or a symbolic link to nothing is
+:class:`InvalidRequest` (422) whose detail names the file; the listing shows it under
+``invalid`` with the same reason. A configs directory the server cannot use (not a
+directory, no permission, a failed write) is :class:`ConfigsUnavailable` (503), whose
+detail names the directory and the operating system's error.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
+import stat as stat_mode
 import tempfile
 import time
 import tomllib
 from pathlib import Path
 
 import msgspec
+import structlog
 
-from service.commands import ConfigSpec, InvalidRequest, UnknownConfig
+from service.commands import ConfigSpec, Conflict, DomainError, InvalidRequest, UnknownConfig
 
-__all__ = ["ConfigStore", "check_config", "check_name", "config_to_toml", "NAME_RULE"]
+__all__ = [
+    "NAME_RULE",
+    "ConfigStore",
+    "ConfigsUnavailable",
+    "check_config",
+    "check_name",
+    "config_to_toml",
+]
+
+log = structlog.get_logger("gpuyard.configs")
+
+
+class ConfigsUnavailable(DomainError):
+    """The server cannot use its configs directory (503): a problem of its environment,
+    not of the request; ``detail`` names the directory and the operating system's error."""
+
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # fullmatch: no trailing newline
 NAME_RULE = ("1-100 characters: letters, digits, '.', '_' or '-', starting with a letter or "
@@ -106,34 +132,54 @@ def _parse(name: str, path: Path, raw: bytes) -> ConfigSpec:
     return check_config(name, spec)
 
 
-# A config as last looked at: when, the file's (size, mtime, inode), and its parse.
-_Loaded = tuple[float, tuple[int, int, int], ConfigSpec | InvalidRequest]
+# What a config's file looked like: size, mtime, ctime, inode, device. None: not stat-able.
+_Key = tuple[int, int, int, int, int] | None
+# A config as last looked at: when, its key, and its parse (or why it has none).
+_Loaded = tuple[float, _Key, ConfigSpec | InvalidRequest]
+
+
+def _key(found: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino, found.st_dev)
 
 
 class ConfigStore:
-    """The configs directory, with parsed files cached by (size, mtime, inode)."""
+    """The configs directory, with parsed files cached by their ``stat``."""
 
     def __init__(self, directory: str | Path, *, recheck_seconds: float = 1.0) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # answered on use, as ConfigsUnavailable naming the directory and the error
         self.recheck_seconds = recheck_seconds
         self._cache: dict[str, _Loaded] = {}
 
     def path(self, name: str) -> Path:
         return self.directory / f"{check_name(name)}.toml"
 
+    def _unusable(self, doing: str, exc: OSError) -> ConfigsUnavailable:
+        return ConfigsUnavailable(
+            f"the server cannot {doing} its configs directory {self.directory}: {exc}. "
+            f"It must be a directory that the server's user (uid {os.geteuid()}) can read, "
+            "enter and write; fix it on the server, then try again"
+        )
+
     def names(self) -> list[str]:
-        """Every config name on disk, sorted."""
-        found = []
-        for entry in os.scandir(self.directory):
-            if entry.name.endswith(".toml") and entry.is_file():
-                name = entry.name[: -len(".toml")]
-                if _is_name(name):  # a listed name can always be fetched
-                    found.append(name)
-        return sorted(found)
+        """Every name with a ``<name>.toml`` entry on disk, sorted, whatever the entry is:
+        one that is not a readable file is listed, and :meth:`get` says what is wrong."""
+        try:
+            with os.scandir(self.directory) as entries:
+                found = [entry.name[: -len(".toml")] for entry in entries
+                         if entry.name.endswith(".toml")]
+        except FileNotFoundError:
+            return []  # no directory, no configs; a put creates it
+        except OSError as exc:
+            raise self._unusable("list", exc) from None
+        return sorted(name for name in found if _is_name(name))  # a listed name can be fetched
 
     def get(self, name: str) -> ConfigSpec:
-        """The parsed config; :class:`UnknownConfig` or :class:`InvalidRequest`."""
+        """The parsed config; :class:`UnknownConfig`, :class:`InvalidRequest` or
+        :class:`ConfigsUnavailable`."""
         if not _is_name(name):
             raise UnknownConfig(f"no config named {name!r} ({NAME_RULE})")
         cached = self._cache.get(name)
@@ -148,25 +194,52 @@ class ConfigStore:
     def _load(self, name: str, now: float, cached: _Loaded | None) -> _Loaded:
         path = self.path(name)
         try:
-            stat = path.stat()
-        except (FileNotFoundError, NotADirectoryError):
-            self._cache.pop(name, None)
-            raise UnknownConfig(
-                f"no config named {name!r}: create {path} or PUT /api/configs/{name}"
-            ) from None
-        key = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
-        if cached is not None and cached[1] == key:
+            found = os.stat(path)
+        except OSError as exc:
+            loaded = (now, None, self._unfollowed(name, path, exc))
+            self._cache[name] = loaded
+            return loaded
+        key = _key(found)
+        if cached is not None and cached[1] is not None and cached[1] == key:
             result = cached[2]
+        elif stat_mode.S_ISDIR(found.st_mode):
+            result = InvalidRequest(f"config {name!r} ({path}) is a directory, not a file")
+        elif not stat_mode.S_ISREG(found.st_mode):  # a FIFO would block the read for good
+            result = InvalidRequest(f"config {name!r} ({path}) is not a regular file")
         else:
             try:
                 result = _parse(name, path, path.read_bytes())
             except InvalidRequest as exc:
                 result = exc
-            except OSError as exc:
+            except OSError as exc:  # read again at the next look, whatever the stat says
                 result = InvalidRequest(f"config {name!r} ({path}) cannot be read: {exc}")
+                key = None
         loaded = (now, key, result)
         self._cache[name] = loaded
         return loaded
+
+    def _unfollowed(self, name: str, path: Path, exc: OSError) -> InvalidRequest:
+        """Why ``path`` could not be looked at: no such config, a directory the server
+        cannot use, or an entry of its own that leads nowhere (a dangling symlink)."""
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            self._cache.pop(name, None)
+            raise UnknownConfig(
+                f"no config named {name!r}: create {path} or PUT /api/configs/{name}"
+            ) from None
+        except OSError as directory_error:  # not a directory, or cannot be entered
+            self._cache.pop(name, None)
+            raise self._unusable("read", directory_error) from None
+        # the entry is there: it is a symbolic link whose target cannot be reached
+        try:
+            target = f" to {os.readlink(path)!r}"
+        except OSError:
+            target = ""
+        if isinstance(exc, FileNotFoundError):
+            return InvalidRequest(f"config {name!r} ({path}) is a symbolic link{target}, "
+                                  "which does not exist")
+        return InvalidRequest(f"config {name!r} ({path}) cannot be read: {exc}")
 
     def put(self, name: str, spec: ConfigSpec) -> ConfigSpec:
         """Check and write a config atomically; returns it as it reads back from disk."""
@@ -175,20 +248,37 @@ class ConfigStore:
         text = config_to_toml(spec)
         if _parse(name, path, text.encode("utf-8")) != spec:
             raise InvalidRequest(f"config {name!r} cannot be written as TOML faithfully")
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
+        try:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)  # again, if it was removed
+            except FileExistsError:  # its own words would be "File exists"
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                         str(self.directory)) from None
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
+        except OSError as exc:
+            raise self._unusable("write to", exc) from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, IsADirectoryError):
+                raise Conflict(f"config {name!r} cannot be written: {path} is a directory; "
+                               "remove it first") from None
+            if isinstance(exc, OSError):  # a full disk, a read-only file system, ...
+                raise self._unusable("write to", exc) from None
             raise
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
         self._cache.pop(name, None)
+        try:
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:  # the file is in place; only its durability is in doubt
+            log.warning("configs_directory_not_synced", directory=str(self.directory),
+                        error=str(exc))
         return self.get(name)

@@ -1,7 +1,9 @@
 """Job configs over HTTP: list and read for everyone, ``PUT`` for admins (SPEC section 7).
 
 The files are the truth (``<data-dir>/configs/<name>.toml``); a PUT writes one
-atomically. File access runs in a worker thread, off the event loop.
+atomically. File access runs in a worker thread, off the event loop. A configs directory
+the server cannot use is a 503 naming it and the operating system's error (see
+:class:`service.configs.ConfigsUnavailable`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ def _config_out(name: str, spec: ConfigSpec) -> ConfigOut:
                      estimated_cost=spec.estimated_cost)
 
 
-@get("/", sync_to_thread=True, responses=error_responses(401), summary="List configs")
+@get("/", sync_to_thread=True, responses=error_responses(401, 503), summary="List configs")
 def list_configs(request: Request[Any, Any, Any], actor: CurrentActor) -> ConfigListing:
-    """Every config; files that do not parse are listed under ``invalid`` with the error."""
+    """Every config; a ``<name>.toml`` that cannot be used (does not parse, cannot be read,
+    is a directory, a symbolic link to nothing) is listed under ``invalid`` with the reason
+    ``GET /api/configs/{name}`` gives. A missing configs directory holds none."""
     store = runtime_of(request).configs
     good: list[ConfigOut] = []
     bad: list[InvalidConfig] = []
@@ -45,7 +49,7 @@ def list_configs(request: Request[Any, Any, Any], actor: CurrentActor) -> Config
     return ConfigListing(configs=good, invalid=bad)
 
 
-@get("/{name:str}", sync_to_thread=True, responses=error_responses(401, 404, 422),
+@get("/{name:str}", sync_to_thread=True, responses=error_responses(401, 404, 422, 503),
      summary="Read a config")
 def get_config(request: Request[Any, Any, Any], actor: CurrentActor,
                name: FromPath[str]) -> ConfigOut:
@@ -53,11 +57,12 @@ def get_config(request: Request[Any, Any, Any], actor: CurrentActor,
 
 
 @put("/{name:str}", sync_to_thread=True,
-     responses=error_responses(400, 401, 403, 413, 422), summary="Write a config")
+     responses=error_responses(400, 401, 403, 409, 413, 422, 503), summary="Write a config")
 def put_config(request: Request[Any, Any, Any], actor: CurrentActor, name: FromPath[str],
                data: JSONBody[ConfigBody]) -> ConfigOut:
-    """Admins only. Writes ``<name>.toml`` with these fields; jobs already submitted keep
-    the config they were submitted with."""
+    """Admins only. Writes ``<name>.toml`` with these fields (creating the configs
+    directory if it is gone); jobs already submitted keep the config they were submitted
+    with. 409 if ``<name>.toml`` is a directory; 503 if the directory cannot be written."""
     require_admin(actor, "writing configs")
     spec = ConfigSpec(command=list(data.command), num_processes=data.num_processes,
                       device_ids=data.device_ids, env=dict(data.env),

@@ -2,9 +2,10 @@
 
 Domain errors (``service.commands``) know nothing of HTTP; they are mapped here:
 unknown job/user/config 404, wrong state and conflicts 409, not allowed 403, invalid
-values 422. Litestar's own errors keep their status, except that validation of a body,
-query or path value is a 422 and a body that is not JSON a 400. Anything unexpected is
-logged with its traceback and answered 500 without internals.
+values 422, a configs directory the server cannot use 503. Litestar's own errors keep
+their status, except that validation of a body, query or path value is a 422 and a body
+that is not JSON a 400. Anything unexpected is logged with its traceback and answered 500
+without internals.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from service.commands import (
     UnknownUser,
     WrongState,
 )
+from service.configs import ConfigsUnavailable
 from service.engine import EngineUnavailable
 
 __all__ = ["EXCEPTION_HANDLERS", "DOMAIN_STATUS", "error_responses", "REQUEST_ID_KEY",
@@ -61,6 +63,7 @@ DOMAIN_STATUS: dict[type[DomainError], int] = {
     UnknownJob: 404,
     UnknownUser: 404,
     UnknownConfig: 404,
+    ConfigsUnavailable: 503,
     WrongState: 409,
     Conflict: 409,
     NotAllowed: 403,
@@ -75,7 +78,8 @@ _DESCRIPTIONS = {
     409: "The job or user is in the wrong state for this, or the request conflicts",
     413: "Request body larger than 1 MiB",
     422: "Invalid values",
-    503: "The event log could not be written; nothing was changed",
+    503: ("The event log could not be written, or the configs directory cannot be used; "
+          "nothing was changed"),
 }
 
 
