@@ -104,23 +104,36 @@ def _csv_rows(rows: list[Row]) -> bytes:
     return out.getvalue().encode("utf-8")
 
 
+class ExportBroken(RuntimeError):
+    """A row could not be exported: the stream must break off, not end as if complete."""
+
+
 def _export(log: EventLog, after_seq: int, keep: ExportFilter, fmt: str) -> Iterator[bytes]:
+    """The export's bytes. A row that cannot be written (a damaged log) ends the stream
+    with an error: Litestar reads a ValueError from a sync iterator as its end, so one is
+    raised as :class:`ExportBroken`, and the client sees a cut-off body, not a short one."""
     try:
-        if fmt == "csv":
-            yield (",".join(FIELDS) + "\n").encode("ascii")
-        chunk: list[Row] = []
-        for row in log.rows(after_seq):
-            if keep.until is not None and row[1] > keep.until:
-                break  # `at` never runs backwards in the log
-            if keep.keep(row):
-                chunk.append(row)
-                if len(chunk) >= CHUNK_ROWS:
-                    yield _csv_rows(chunk) if fmt == "csv" else b"".join(map(jsonl_line, chunk))
-                    chunk = []
-        if chunk:
-            yield _csv_rows(chunk) if fmt == "csv" else b"".join(map(jsonl_line, chunk))
+        yield from _export_rows(log, after_seq, keep, fmt)
+    except ValueError as exc:
+        raise ExportBroken(f"the export stopped at a row it could not write: {exc}") from exc
     finally:
         log.close()
+
+
+def _export_rows(log: EventLog, after_seq: int, keep: ExportFilter, fmt: str) -> Iterator[bytes]:
+    if fmt == "csv":
+        yield (",".join(FIELDS) + "\n").encode("ascii")
+    chunk: list[Row] = []
+    for row in log.rows(after_seq):
+        if keep.until is not None and row[1] > keep.until:
+            break  # `at` never runs backwards in the log
+        if keep.keep(row):
+            chunk.append(row)
+            if len(chunk) >= CHUNK_ROWS:
+                yield _csv_rows(chunk) if fmt == "csv" else b"".join(map(jsonl_line, chunk))
+                chunk = []
+    if chunk:
+        yield _csv_rows(chunk) if fmt == "csv" else b"".join(map(jsonl_line, chunk))
 
 
 class _ExportOperation(Operation):

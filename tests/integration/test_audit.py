@@ -9,10 +9,14 @@ from pathlib import Path
 
 import apsw
 import pytest
+import httpx
 from cli_runner import gpuyard, one_error_line
+from serverproc import ServerProcess
 from recorded_day import record_busy_day
 
+from events.codec import encode_event
 from events.log import EventLog
+from events.types import JobSpec, JobSubmitted
 from service.audit import (
     AuditError,
     ChainBroken,
@@ -334,3 +338,29 @@ def test_every_recorded_fixture_verifies_and_a_changed_copy_does_not(
     with pytest.raises(ChainBroken) as broken:
         verify_file(_write_lines(tmp_path / "changed.jsonl", lines))
     assert broken.value.seq == middle["seq"]
+
+
+def test_an_export_over_http_that_meets_a_damaged_row_breaks_off(tmp_path: Path) -> None:
+    """A row the export cannot write must end the stream with an error: Litestar took a
+    ValueError for the end of the stream, so a CSV export ended 200, header only, and
+    the CLI said 'exported 0 events'."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    log = EventLog(data_dir / "events.db")
+    data = encode_event(JobSubmitted(
+        job_id="j1", user_id=0, priority=30,
+        spec=JobSpec(config_name="c", command=("true",), num_processes=0)))
+    log.execute_raw("INSERT INTO events VALUES (1, 'abc', 'job.submitted', 'x', NULL, NULL, "
+                    f"X'{data.hex()}', X'00')")  # `at` is not a number
+    log.close()
+    with ServerProcess(data_dir, gpus="none") as server:
+        with httpx.stream("GET", server.url + "/api/audit/export", params={"format": "csv"},
+                          timeout=30.0) as response:
+            assert response.status_code == 200  # the head was sent before the bad row
+            with pytest.raises(httpx.RemoteProtocolError):
+                response.read()
+        result = gpuyard("--server", server.url, "audit", "export", "--format", "csv",
+                         "-o", str(tmp_path / "out.csv"))
+    assert result.returncode != 0
+    line = one_error_line(result)
+    assert "broke off" in line or "incomplete" in line, line
