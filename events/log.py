@@ -279,7 +279,7 @@ class EventLog:
             finally:
                 target.close()
         except apsw.Error as exc:
-            raise LogError(f"backup to {dest} failed: {exc}") from exc
+            raise LogError(f"backup to {dest} failed: {_described(exc)}") from exc
 
     def execute_raw(self, sql: str) -> None:
         """Run raw SQL against the log (tests use it to prove the triggers hold)."""
@@ -288,6 +288,19 @@ class EventLog:
                 self._db.execute(sql)
         except apsw.Error as exc:
             raise LogError(str(exc)) from exc
+
+
+def _described(exc: apsw.Error) -> str:
+    """apsw's message, or what its class means where the message says nothing (a backup
+    that cannot write its copy reports SQLite's "not an error")."""
+    text = str(exc)
+    if text and text != "not an error":
+        return text
+    if isinstance(exc, apsw.FullError):
+        return "the disk is full"
+    if isinstance(exc, apsw.IOError):
+        return "a write failed (is the disk full, or the file larger than allowed?)"
+    return type(exc).__name__
 
 
 class _ReadAhead:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -291,10 +292,24 @@ def backup_log(source: str | Path, dest: str | Path) -> Verified:
 
     The copy is taken from a read-only connection: the server keeps writing while it
     runs (WAL), and the copy holds exactly the events committed when it started.
+    The copy is written beside ``dest`` and moved into place only once it verifies, so a
+    backup that fails (a full disk) leaves nothing half-written, and an earlier ``dest``
+    as it was.
     """
-    log = EventLog(source, readonly=True)
+    dest = Path(dest)
+    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     try:
-        log.backup_to(dest)
+        log = EventLog(source, readonly=True)
+        try:
+            log.backup_to(partial)
+        except LogError as exc:  # named by the file asked for, not the one on the way
+            raise LogError(str(exc).replace(str(partial), str(dest), 1)) from exc
+        finally:
+            log.close()
+        verified = verify_file(partial)
+        os.replace(partial, dest)
     finally:
-        log.close()
-    return verify_file(dest)
+        for leftover in (partial, *(partial.with_name(partial.name + suffix)
+                                    for suffix in ("-journal", "-wal", "-shm"))):
+            leftover.unlink(missing_ok=True)
+    return verified

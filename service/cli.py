@@ -786,7 +786,11 @@ def _timestamp(text: str | None, option: str) -> float | None:
 
 @contextmanager
 def _output_file(path: str | None) -> Iterator[Any]:
-    """stdout, or a file that appears only once it is whole (a temp file, renamed)."""
+    """stdout, or a file that appears only once it is whole (a temp file, renamed).
+
+    A write that fails (a full disk) is one error line naming ``path``, and leaves no
+    partial file.
+    """
     if path is None or path == "-":
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
@@ -794,22 +798,42 @@ def _output_file(path: str | None) -> Iterator[Any]:
     target = Path(path)
     if target.is_dir():
         raise Failure(f"cannot write {path}: it is a directory")
-    if target.exists() and not target.is_file():  # a device or a pipe: write into it
-        with open(target, "wb") as stream:
-            yield stream
-        return
-    target = target.resolve()  # a symlink: replace the file it names, keep the link
-    if not target.parent.is_dir():
-        raise Failure(f"cannot write {path}: no such directory {target.parent}")
-    handle = tempfile.NamedTemporaryFile("wb", dir=target.parent, prefix=f".{target.name}.",
-                                         delete=False)
     try:
-        with handle:
-            yield handle
-        os.replace(handle.name, target)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
+        if target.exists() and not target.is_file():  # a device or a pipe: write into it
+            with open(target, "wb") as stream:
+                yield _Writes(stream, path)
+            return
+        target = target.resolve()  # a symlink: replace the file it names, keep the link
+        if not target.parent.is_dir():
+            raise Failure(f"cannot write {path}: no such directory {target.parent}")
+        handle = tempfile.NamedTemporaryFile("wb", dir=target.parent,
+                                             prefix=f".{target.name}.", delete=False)
+        try:
+            with handle:
+                yield _Writes(handle, path)
+            os.replace(handle.name, target)
+        except BaseException:
+            os.unlink(handle.name)
+            raise
+    except OSError as exc:  # opening, or the last write as the file closed
+        raise Failure(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+class _Writes:
+    """A binary stream whose failed writes are one error line naming the file."""
+
+    def __init__(self, stream: Any, path: str) -> None:
+        self._stream = stream
+        self._path = path
+
+    def write(self, data: bytes) -> int:
+        try:
+            return int(self._stream.write(data))
+        except OSError as exc:
+            raise Failure(f"cannot write {self._path}: {exc.strerror or exc}") from None
+
+    def __getattr__(self, name: str) -> Any:  # flush, writable, closed...: the stream's
+        return getattr(self._stream, name)
 
 
 @audit.command("export")
@@ -932,7 +956,8 @@ def backup(dest: str, db_path: str | None, data_dir: str | None, force: bool) ->
     try:
         result = _guard_files(lambda: backup_log(source, target))
     except ChainBroken as exc:
-        raise Failure(f"the copy in {dest} does not verify: {exc}") from None
+        raise Failure(f"the copy of {source} does not verify: {exc}; {dest} was left as it "
+                      "was") from None
     click.echo(f"backed up {plural(result.count, 'event')} (seq 1..{result.last_seq}) from "
                f"{source} to {dest}; hash chain verified, head hash {result.head_hash}")
 

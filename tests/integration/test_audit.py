@@ -5,18 +5,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import apsw
 import pytest
 import httpx
 from cli_runner import gpuyard, one_error_line
-from serverproc import ServerProcess
+from serverproc import REPO_ROOT, ServerProcess
 from recorded_day import record_busy_day
 
 from events.codec import encode_event
+from events.envelope import seal
 from events.log import EventLog
-from events.types import JobSpec, JobSubmitted
+from events.types import JobCompleted, JobSpec, JobSubmitted
 from service.audit import (
     AuditError,
     ChainBroken,
@@ -364,3 +368,30 @@ def test_an_export_over_http_that_meets_a_damaged_row_breaks_off(tmp_path: Path)
     assert result.returncode != 0
     line = one_error_line(result)
     assert "broke off" in line or "incomplete" in line, line
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(
+    tmp_path: Path, fmt: str
+) -> None:
+    day_db = tmp_path / "events.db"  # about 200 KiB of export
+    log = EventLog(day_db)
+    records: list = []
+    for n in range(1, 1501):
+        records.append(seal(records[-1].hash if records else log.last_hash, n, float(n), "x",
+                            None, None, JobCompleted(job_id=f"job-{n:06d}")))
+    log.append(records)
+    log.close()
+    full = one_error_line(gpuyard("audit", "export", "--db", str(day_db), "--format", fmt,
+                                  "-o", "/dev/full"))
+    assert full == "gpuyard: error: cannot write /dev/full: No space left on device"
+    dest = tmp_path / "out" / f"export.{fmt}"
+    dest.parent.mkdir()
+    too_big = subprocess.run(  # every write past 64 KiB fails (EFBIG), as a full disk would
+        [sys.executable, "-m", "service.cli", "audit", "export", "--db", str(day_db),
+         "--format", fmt, "-o", str(dest)], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=60, check=False,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)),
+    )
+    assert one_error_line(too_big) == f"gpuyard: error: cannot write {dest}: File too large"
+    assert list(dest.parent.iterdir()) == []

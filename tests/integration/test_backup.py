@@ -3,15 +3,21 @@ restores into a server that serves exactly what the copy holds."""
 
 from __future__ import annotations
 
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import httpx
 from cli_runner import gpuyard, one_error_line
-from serverproc import ServerProcess
+from serverproc import REPO_ROOT, ServerProcess
 
+from events.envelope import seal
 from events.log import EventLog
+from events.types import JobSpec, JobSubmitted
 from service.audit import read_records, source_rows, verify_file
 from service.replay import check, replay_until
 
@@ -95,3 +101,43 @@ def test_a_backup_taken_under_load_verifies_replays_and_restores(tmp_path: Path)
         exported = gpuyard("--server", server.url, "audit", "export", "-o", str(export))
         assert exported.returncode == 0, exported.stderr
         assert verify_file(export).count >= backed.count
+
+
+def test_a_backup_that_fails_for_space_leaves_nothing_and_the_old_copy_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """RLIMIT_FSIZE makes every write past 64 KiB fail with EFBIG, as a full disk would:
+    the backup fails in one line, writes nothing, and `--force` keeps the earlier copy."""
+    source = tmp_path / "events.db"
+    log = EventLog(source)
+    spec = JobSpec(config_name="c", command=("true",), num_processes=0)
+    records = []
+    for n in range(1, 2001):
+        records.append(seal(records[-1].hash if records else log.last_hash, n, float(n), "x",
+                            None, None, JobSubmitted(job_id=f"j{n}", user_id=0, spec=spec,
+                                                     priority=30)))
+    log.append(records)
+    log.close()
+    dest = tmp_path / "out" / "backup.db"
+    dest.parent.mkdir()
+    dest.write_bytes(b"the earlier backup")
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    failed = subprocess.run(
+        [sys.executable, "-m", "service.cli", "backup", "--db", str(source), "--force",
+         str(dest)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
+        preexec_fn=small_files,
+    )
+    assert failed.returncode != 0
+    line = one_error_line(failed)
+    assert line == (f"gpuyard: error: backup to {dest} failed: a write failed (is the disk "
+                    "full, or the file larger than allowed?)")
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["backup.db"]
+    assert dest.read_bytes() == b"the earlier backup"
+    taken = gpuyard("backup", "--db", str(source), "--force", str(dest))
+    assert taken.returncode == 0, taken.stderr
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["backup.db"]
+    assert verify_file(dest).count == 2000
