@@ -162,11 +162,15 @@ def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--gpus", envvar="GPUYARD_GPUS", default=None,
               help="GPU inventory instead of NVML: none (or 0), 4, 4xA100:40, "
                    "2xH100:80,2xL4:24.")
-def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, data_dir: str | None,
+          gpus: str | None) -> None:
     """Start the server (the engine, the API and the local executor)."""
     from service.serve import serve as run_server
 
-    run_server(host=host, port=port, data_dir=data_dir, gpus=gpus)
+    from_env = ctx.get_parameter_source("gpus") is click.core.ParameterSource.ENVIRONMENT
+    run_server(host=host, port=port, data_dir=data_dir, gpus=gpus,
+               gpus_from="GPUYARD_GPUS" if from_env else "--gpus")
 
 
 # ---------------------------------------------------------------- shared helpers

@@ -23,9 +23,11 @@ __all__ = ["Inventory", "detect_inventory", "gpu_usage", "parse_gpu_spec"]
 
 log = structlog.get_logger(__name__)
 
-_GROUP = re.compile(r"^(?P<count>\d+)(?:x(?P<model>[A-Za-z0-9_.\-]+):(?P<memory>\d+(?:\.\d+)?))?$")
+_GROUP = re.compile(  # ASCII digits only: int() would take '٤' for 4
+    r"(?P<count>[0-9]+)(?:x(?P<model>[A-Za-z0-9_.\-]+):(?P<memory>[0-9]+(?:\.[0-9]+)?))?")
 _SPEC_HELP = "expected none, N, NxMODEL:GB or a comma-separated list such as 2xH100:80,2xL4:24"
 _MAX_GPUS = 1024
+_MAX_MEMORY_GB = 100_000.0  # a typo, not a GPU (the largest today hold a few hundred)
 
 
 class Inventory(Struct, frozen=True, kw_only=True):
@@ -42,12 +44,12 @@ class Inventory(Struct, frozen=True, kw_only=True):
 def parse_gpu_spec(spec: str) -> tuple[GpuDevice, ...]:
     """Parse a ``--gpus`` spec into devices indexed 0..n-1; ValueError when malformed."""
     text = spec.strip()
-    if text.lower() in ("", "none") or (text.isdecimal() and int(text) == 0):
+    if text.lower() in ("", "none") or re.fullmatch("0+", text):
         return ()  # a bare count of 0 says no GPUs too
     devices: list[GpuDevice] = []
     for raw_group in text.split(","):
         group = raw_group.strip()
-        match = _GROUP.match(group)
+        match = _GROUP.fullmatch(group)
         if match is None:
             raise ValueError(f"malformed GPU spec {spec!r}: bad group {group!r}; {_SPEC_HELP}")
         count = int(match["count"])
@@ -55,6 +57,9 @@ def parse_gpu_spec(spec: str) -> tuple[GpuDevice, ...]:
             raise ValueError(f"malformed GPU spec {spec!r}: count must be at least 1 in {group!r}")
         model = match["model"] or "GPU"
         memory_gb = float(match["memory"]) if match["memory"] is not None else 0.0
+        if memory_gb > _MAX_MEMORY_GB:
+            raise ValueError(f"malformed GPU spec {spec!r}: {match['memory']} GB of memory in "
+                             f"{group!r} is more than {_MAX_MEMORY_GB:,.0f} GB")
         if len(devices) + count > _MAX_GPUS:
             raise ValueError(f"malformed GPU spec {spec!r}: more than {_MAX_GPUS} GPUs")
         for _ in range(count):

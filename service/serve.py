@@ -138,8 +138,10 @@ def _server_class() -> Any:
     return _Server
 
 
-def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
-    """Run the server until it is stopped (SIGINT/SIGTERM)."""
+def serve(host: str, port: int, data_dir: str | None, gpus: str | None,
+          gpus_from: str = "--gpus") -> None:
+    """Run the server until it is stopped (SIGINT/SIGTERM); ``gpus_from`` names where
+    ``gpus`` came from, for its error."""
     import uvicorn
 
     from service.api import create_app
@@ -155,7 +157,7 @@ def serve(host: str, port: int, data_dir: str | None, gpus: str | None) -> None:
         try:
             parse_gpu_spec(gpus)
         except ValueError as exc:
-            _refuse(f"--gpus: {exc}")
+            _refuse(f"{gpus_from}: {exc}")
     sock = _listen(host, port)
     try:
         runtime = Runtime(data_dir, gpus)

@@ -234,3 +234,22 @@ def test_a_server_checks_the_chain_it_started_from(tmp_path: Path) -> None:
                 "event_log_chain_broken", "critical", 2)
         else:
             assert (lines[0]["event"], lines[0]["events"]) == ("event_log_verified", 3)
+
+
+@pytest.mark.parametrize("source", ["--gpus", "GPUYARD_GPUS"])
+def test_a_malformed_gpu_spec_is_blamed_on_where_it_came_from(tmp_path: Path,
+                                                               source: str) -> None:
+    argv = [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port",
+            "0", "--data-dir", str(tmp_path / "data")]
+    env = {k: v for k, v in os.environ.items() if k != "GPUYARD_GPUS"}
+    if source == "--gpus":
+        argv += ["--gpus", "4xA100"]
+    else:
+        env["GPUYARD_GPUS"] = "4xA100"
+    done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                          check=False, env=env)
+    assert done.returncode == 2
+    assert done.stderr == (f"gpuyard: error: {source}: malformed GPU spec '4xA100': bad group "
+                           "'4xA100'; expected none, N, NxMODEL:GB or a comma-separated list "
+                           "such as 2xH100:80,2xL4:24\n")
+    assert not (tmp_path / "data").exists()

@@ -48,6 +48,10 @@ def test_valid_specs_give_devices_indexed_in_order(spec: str, expected: tuple) -
         ("x", "bad group 'x'"),
         ("4 x A100:40", "bad group"),
         ("2000", "more than 1024 GPUs"),
+        ("\u0664", "bad group '\u0664'"),  # an Arabic-Indic 4: digits are ASCII here
+        ("2x\u0664:40", "bad group"),
+        ("1xA100:\u0664\u0660", "bad group"),
+        ("4xA100:999999999999999999999999999999", "is more than 100,000 GB"),
     ],
 )
 def test_malformed_specs_raise_one_clear_line(spec: str, says: str) -> None:
