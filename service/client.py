@@ -122,15 +122,19 @@ class Client:
 
     # ------------------------------------------------------------ plumbing
 
-    def _failed(self, exc: httpx.HTTPError) -> ClientError:
+    def _failed(self, exc: httpx.HTTPError, method: str = "GET") -> ClientError:
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return ClientError(f"cannot reach the gpuyard server at {self.base_url} "
                                "(is `gpuyard serve` running? set --server or GPUYARD_URL)",
                                unreachable=True)
+        # a change sent, with no answer: the server may have made it
+        maybe_done = "" if method == "GET" else (
+            "; it may have been carried out all the same: look (e.g. `gpuyard jobs list`) "
+            "before trying again (a submit with --idempotency-key is safe to repeat)")
         if isinstance(exc, httpx.TimeoutException):
-            return ClientError(f"the gpuyard server at {self.base_url} did not answer in time",
-                               unreachable=True)
-        return ClientError(f"talking to {self.base_url} failed: {exc}",
+            return ClientError(f"the gpuyard server at {self.base_url} did not answer in "
+                               f"time{maybe_done}", unreachable=True)
+        return ClientError(f"talking to {self.base_url} failed: {exc}{maybe_done}",
                            unreachable=isinstance(exc, httpx.TransportError))
 
     def _refused(self, response: httpx.Response) -> ClientError:
@@ -149,7 +153,7 @@ class Client:
         try:
             response = self._http.request(method, path, params=clean, json=json)
         except httpx.HTTPError as exc:
-            raise self._failed(exc) from exc
+            raise self._failed(exc, method) from exc
         except UnicodeEncodeError:
             raise _not_text() from None
         except ValueError as exc:  # JSON has no nan or inf

@@ -531,6 +531,23 @@ def test_server_down_is_one_line() -> None:
     assert not Path("/tmp/never.jsonl").exists()
 
 
+def test_a_change_that_got_no_answer_may_have_been_made() -> None:
+    """A server that takes the request and never answers: a read only says it did not
+    answer; a submit also says the job may exist, and how to retry safely."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        read = one_error_line(gpuyard("--server", url, "--timeout", "0.5", "jobs", "list"))
+        sent = one_error_line(gpuyard("--server", url, "--timeout", "0.5", "jobs", "submit",
+                                      "train"))
+    assert read == f"gpuyard: error: the gpuyard server at {url} did not answer in time"
+    assert sent == (f"gpuyard: error: the gpuyard server at {url} did not answer in time; "
+                    "it may have been carried out all the same: look (e.g. `gpuyard jobs "
+                    "list`) before trying again (a submit with --idempotency-key is safe to "
+                    "repeat)")
+
+
 # ---------------------------------------------------------------- the server's own log
 
 
