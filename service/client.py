@@ -99,13 +99,36 @@ def _detail(response: httpx.Response) -> str:
     return text[:200] if text else response.reason_phrase
 
 
+def _check_url(base_url: str) -> None:
+    """Refuse a server URL that cannot be one (a path is allowed: a proxy may serve
+    gpuyard under one, but not the API's own ``/api``)."""
+    try:
+        url = httpx.URL(base_url)
+        port = url.port
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ClientError(f"bad server URL {base_url!r}: {exc}") from None
+    if url.scheme not in ("http", "https"):
+        raise ClientError(f"bad server URL {base_url!r}: use http:// or https://")
+    if not url.host:
+        raise ClientError(f"bad server URL {base_url!r}: it names no host")
+    if port is not None and not 1 <= port <= 65535:
+        raise ClientError(f"bad server URL {base_url!r}: port {port} is not 1-65535")
+    if url.path.rstrip("/").endswith("/api"):
+        raise ClientError(f"bad server URL {base_url!r}: give the server's address without "
+                          "/api (the CLI adds it), e.g. " + DEFAULT_URL)
+
+
 class Client:
     """Talks to one server as one token holder (or as nobody, in single-user mode)."""
 
     def __init__(self, base_url: str = DEFAULT_URL, token: str | None = None,
                  timeout: float = 30.0) -> None:
+        if not base_url.strip():
+            raise ClientError("the server URL is empty; set --server or GPUYARD_URL (default "
+                              f"{DEFAULT_URL})")
         if "://" not in base_url:
             base_url = f"http://{base_url}"
+        _check_url(base_url)
         self.base_url = base_url.rstrip("/")
         if token is not None and (not token.isascii() or not token.isprintable()
                                   or " " in token.strip()):
@@ -123,6 +146,10 @@ class Client:
     # ------------------------------------------------------------ plumbing
 
     def _failed(self, exc: httpx.HTTPError, method: str = "GET") -> ClientError:
+        if isinstance(exc, httpx.ConnectError) and "SSL" in str(exc):
+            return ClientError(f"the TLS handshake with {self.base_url} failed ({exc}); is it "
+                               "an https server? (plain http needs an http:// URL)",
+                               unreachable=True)
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return ClientError(f"cannot reach the gpuyard server at {self.base_url} "
                                "(is `gpuyard serve` running? set --server or GPUYARD_URL)",

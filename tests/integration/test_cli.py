@@ -531,6 +531,23 @@ def test_server_down_is_one_line() -> None:
     assert not Path("/tmp/never.jsonl").exists()
 
 
+@pytest.mark.parametrize(("url", "says"), [
+    ("", "the server URL is empty; set --server or GPUYARD_URL"),
+    ("http://127.0.0.1:99999", "port 99999 is not 1-65535"),
+    ("http://127.0.0.1:8000/api", "without /api (the CLI adds it)"),
+    ("ftp://127.0.0.1", "use http:// or https://"),
+    ("http://", "it names no host"),
+])
+def test_a_server_url_that_cannot_be_one_is_named(url: str, says: str) -> None:
+    assert says in one_error_line(gpuyard("--server", url, "jobs", "list"))
+
+
+def test_https_against_a_plain_http_server_says_so(server) -> None:
+    line = one_error_line(gpuyard("--server", server.url.replace("http://", "https://"),
+                                  "jobs", "list"))
+    assert "TLS handshake" in line and "plain http needs an http:// URL" in line
+
+
 def test_a_change_that_got_no_answer_may_have_been_made() -> None:
     """A server that takes the request and never answers: a read only says it did not
     answer; a submit also says the job may exist, and how to retry safely."""
