@@ -124,6 +124,7 @@ class EventLog:
             else:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 self._db = apsw.Connection(self.path)
+                self._refuse_a_foreign_database()
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 with self._db:
@@ -132,6 +133,16 @@ class EventLog:
             self.last_seq, self.last_hash = self._tail()
         except apsw.Error as exc:
             raise LogError(f"cannot open event log {self.path}: {exc}") from exc
+
+    def _refuse_a_foreign_database(self) -> None:
+        """An SQLite file with tables and no ``events`` is somebody else's: not taken over."""
+        tables = [name for (name,) in self._db.execute(
+            "SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")]
+        if tables and "events" not in tables:
+            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            self._db.close()
+            raise LogError(f"{self.path} is an SQLite database but not a gpuyard event log "
+                           f"(it holds the tables {shown}); nothing was changed")
 
     def _tail(self) -> tuple[int, bytes]:
         row = self._db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()

@@ -305,3 +305,17 @@ def test_a_copy_taken_while_in_use_verifies(log_path: Path, tmp_path: Path) -> N
     assert copy.verify() == 25 and list(copy.read()) == written
     shutil.copy(tmp_path / "backup.db", tmp_path / "backup2.db")
     assert EventLog(tmp_path / "backup2.db", readonly=True).verify() == 25
+
+
+def test_an_sqlite_file_of_something_else_is_not_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    other = sqlite3.connect(path)
+    other.execute("CREATE TABLE invoices(id INTEGER PRIMARY KEY, total REAL)")
+    other.commit()
+    other.close()
+    before = path.read_bytes()
+    with pytest.raises(LogError, match=r"is an SQLite database but not a gpuyard event log "
+                                       r"\(it holds the tables invoices\)"):
+        EventLog(path)
+    assert path.read_bytes() == before  # no events table, no WAL switch
+    EventLog(tmp_path / "fresh.db").close()  # an empty file or none is a new log
