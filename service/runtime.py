@@ -84,8 +84,8 @@ class Runtime:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Runtime]:
-        """Record the inventory (if :meth:`record_inventory` has not), start the engine and
-        the local executor."""
+        """Record the inventory (if :meth:`record_inventory` has not), then start the chain
+        check, the engine and the local executor."""
         from service.executors.local import LocalExecutor
 
         self.record_inventory()
