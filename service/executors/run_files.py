@@ -4,7 +4,9 @@
 - ``launch.json``: written by the wrapper as it starts: ``attempt``, ``pid``,
   ``start_time`` and ``boot_id``;
 - ``exit_code``: written atomically by the wrapper when the command ends: ``attempt`` and
-  ``exit_code``, or ``error`` when the command could not start, and ``ended_at``.
+  ``exit_code``, or ``error`` when the command could not start, and ``ended_at``. The same
+  record also reaches the executor that started the wrapper through a pipe
+  (:func:`exit_record_from` reads both), for when the file cannot be written.
 
 Every record carries its attempt: a record left by an earlier attempt is never read as the
 current one's.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from msgspec import Struct
 
-__all__ = ["ExitRecord", "LaunchRecord", "RunFiles", "read_tail"]
+__all__ = ["ExitRecord", "LaunchRecord", "RunFiles", "exit_record_from", "read_tail"]
 
 
 class LaunchRecord(Struct, frozen=True, kw_only=True):
@@ -41,6 +43,22 @@ def _read_json(path: Path) -> dict[str, object] | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def exit_record_from(raw: object, attempt: int) -> ExitRecord | None:
+    """The wrapper's exit record for ``attempt`` in ``raw`` (parsed JSON), or None when it
+    is not one or belongs to another attempt."""
+    if not isinstance(raw, dict) or raw.get("attempt") != attempt:
+        return None
+    code, error, ended_at = raw.get("exit_code"), raw.get("error"), raw.get("ended_at")
+    if not (isinstance(ended_at, (int, float)) and not isinstance(ended_at, bool)
+            and math.isfinite(ended_at)):
+        ended_at = None
+    if isinstance(error, str):
+        return ExitRecord(attempt=attempt, error=error, ended_at=ended_at)
+    if isinstance(code, int) and not isinstance(code, bool):
+        return ExitRecord(attempt=attempt, exit_code=code, ended_at=ended_at)
+    return None
 
 
 class RunFiles:
@@ -70,18 +88,7 @@ class RunFiles:
                             boot_id=boot if isinstance(boot, str) else None)
 
     def exit_record(self, attempt: int) -> ExitRecord | None:
-        raw = _read_json(self.exit)
-        if raw is None or raw.get("attempt") != attempt:
-            return None
-        code, error, ended_at = raw.get("exit_code"), raw.get("error"), raw.get("ended_at")
-        if not (isinstance(ended_at, (int, float)) and not isinstance(ended_at, bool)
-                and math.isfinite(ended_at)):
-            ended_at = None
-        if isinstance(error, str):
-            return ExitRecord(attempt=attempt, error=error, ended_at=ended_at)
-        if isinstance(code, int) and not isinstance(code, bool):
-            return ExitRecord(attempt=attempt, exit_code=code, ended_at=ended_at)
-        return None
+        return exit_record_from(_read_json(self.exit), attempt)
 
     def note(self, line: str) -> None:
         """Append one line from gpuyard itself to the job's output."""
