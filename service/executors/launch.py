@@ -52,10 +52,14 @@ def launch_problem(argv: tuple[str, ...], cwd: str | None, env: Mapping[str, str
     return None
 
 
-def wrapper_argv(run_dir: Path, attempt: int, cwd: str | None, argv: tuple[str, ...]) -> list[str]:
-    """The argv that starts the wrapper around ``argv`` (see ``wrapper.py``)."""
+def wrapper_argv(run_dir: Path, attempt: int, cwd: str | None, argv: tuple[str, ...],
+                 *, report_fd: int | None = None) -> list[str]:
+    """The argv that starts the wrapper around ``argv`` (see ``wrapper.py``);
+    ``report_fd``: the write end of a pipe the wrapper inherits, to report the job's end."""
     head = [sys.executable, "-I", str(WRAPPER), "--run-dir", str(run_dir),
             "--attempt", str(attempt)]
     if cwd is not None:
         head += ["--cwd", cwd]
+    if report_fd is not None:
+        head += ["--report-fd", str(report_fd)]
     return [*head, "--", *argv]

@@ -16,8 +16,12 @@ Processes are watched with a pidfd (no thread, no polling; polling every 0.2 s o
 pidfds are not available), so nothing blocks the event loop.
 
 The wrapper writes ``launch.json`` as it starts and ``exit_code`` when the command ends,
-even when the server is gone (``run_files.py``). On start, before anything else, the
-executor reconciles every running local job of the replayed state:
+even when the server is gone (``run_files.py``). The wrapper this server started also
+sends that record down a pipe (``--report-fd``): the executor, its parent, reads it once it
+has reaped the wrapper, so a job that ends while its ``exit_code`` cannot be written (a
+full disk) is still recorded as it ended, never re-run for it. A wrapper that ended with
+no record at all (killed) is an infrastructure failure, re-queued. On start, before
+anything else, the executor reconciles every running local job of the replayed state:
 
 - its process still runs (pid, start time and boot all match): adopted, watched again;
 - it ended while the server was down: recorded with the exit code the wrapper wrote;
@@ -32,6 +36,7 @@ for a crash: the engine's ``replayed_seq`` tells the two apart.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -44,7 +49,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from events.envelope import Recorded
 from events.log import EventLog
-from events.types import JobCancelRequested, JobDispatched
+from events.types import JobCancelRequested, JobDispatched, JobSpec
 from projections.state import JobEntry
 from service.commands import (
     SYSTEM,
@@ -58,7 +63,7 @@ from service.commands import (
 from service.engine import Engine, EngineUnavailable
 from service.executors.launch import job_environment, launch_problem, wrapper_argv
 from service.executors.procfs import boot_id, is_running, process_start_time
-from service.executors.run_files import ExitRecord, LaunchRecord, RunFiles
+from service.executors.run_files import ExitRecord, LaunchRecord, RunFiles, exit_record_from
 from service.executors.wrapper import signal_job
 
 __all__ = ["LocalExecutor"]
@@ -74,7 +79,8 @@ Signal = JobDispatched | JobCancelRequested
 class _Run:
     """One attempt of one job whose process this executor keeps."""
 
-    __slots__ = ("attempt", "cancelling", "exited", "job_id", "pid", "process", "start_time")
+    __slots__ = ("attempt", "cancelling", "exited", "job_id", "pid", "process", "report",
+                 "start_time")
 
     def __init__(self, job_id: str, attempt: int) -> None:
         self.job_id = job_id
@@ -82,6 +88,7 @@ class _Run:
         self.pid: int | None = None
         self.start_time: int | None = None
         self.process: subprocess.Popen[bytes] | None = None  # None when adopted
+        self.report: int | None = None  # read end of the wrapper's report pipe; None when adopted
         self.exited = anyio.Event()
         self.cancelling = False
 
@@ -266,7 +273,7 @@ class LocalExecutor:
             env = job_environment(os.environ, spec, job.job_id, job.allocated_gpus)
             problem = launch_problem(spec.command, spec.working_dir, env)
             if problem is not None:
-                files.note(problem)
+                _note(files, problem)
                 self._forget(run)
                 log.warning("job_launch_refused", job_id=job.job_id, error=problem)
                 # a launch error is an infrastructure failure (SPEC section 3): re-queued
@@ -274,39 +281,44 @@ class LocalExecutor:
                 await self._report(ReportFailed(job_id=job.job_id, error=problem, retryable=True))
                 return
             if job.attempt > 1:
-                files.note(f"attempt {job.attempt} of {job.max_attempts}")
-            argv = wrapper_argv(files.dir, job.attempt, spec.working_dir, spec.command)
+                _note(files, f"attempt {job.attempt} of {job.max_attempts}")
             # fork and exec off the event loop (Popen waits until the exec is done)
-            process = await anyio.to_thread.run_sync(_start_wrapper, argv, files, env)
+            process, report = await anyio.to_thread.run_sync(
+                _start_wrapper, files, job.attempt, spec, env)
         except OSError as exc:
             self._forget(run)
             error = f"could not launch the job: {exc}"
             log.error("job_launch_failed", job_id=job.job_id, error=error)
             await self._report(ReportFailed(job_id=job.job_id, error=error, retryable=True))
             return
-        start_time = process_start_time(process.pid)
-        run.process, run.pid = process, process.pid
-        run.start_time = start_time if start_time is not None else 0
-        log.info("job_launched", job_id=job.job_id, pid=process.pid, gpus=job.allocated_gpus,
-                 attempt=job.attempt)
-        await self._report(ReportStarted(
-            job_id=job.job_id, pid=process.pid, process_start_time=run.start_time))
-        current = self.engine.state.jobs.get(job.job_id)
-        if current is not None and current.cancel_requested:
-            self._cancel(run)
-        await self._keep(run)
+        run.report = report
+        try:
+            start_time = process_start_time(process.pid)
+            run.process, run.pid = process, process.pid
+            run.start_time = start_time if start_time is not None else 0
+            log.info("job_launched", job_id=job.job_id, pid=process.pid,
+                     gpus=job.allocated_gpus, attempt=job.attempt)
+            await self._report(ReportStarted(
+                job_id=job.job_id, pid=process.pid, process_start_time=run.start_time))
+            current = self.engine.state.jobs.get(job.job_id)
+            if current is not None and current.cancel_requested:
+                self._cancel(run)
+            await self._keep(run)
+        finally:
+            _close_report(run)  # the server stops: the wrapper runs on, on its file alone
 
     # ------------------------------------------------------------ watching
 
     async def _keep(self, run: _Run) -> None:
         """Wait for the run's process to end, then report how it ended."""
         await self._wait_for_exit(run)
-        if run.process is not None:
-            run.process.wait()  # already ended: this only reaps it
+        status = run.process.wait() if run.process is not None else None  # only reaps it
         run.exited.set()
         self._forget(run)
         assert run.pid is not None
-        record = RunFiles(self.runs_dir, run.job_id).exit_record(run.attempt)
+        # the wrapper's own word first (it needs no disk), then the file it wrote
+        record = _read_report(run) or RunFiles(self.runs_dir, run.job_id).exit_record(
+            run.attempt)
         if record is None:
             # the wrapper died without recording (killed): nothing of the job may outlive it
             await _kill_job(run.pid, run.job_id)
@@ -314,8 +326,8 @@ class LocalExecutor:
             log.info("job_cancelled", job_id=run.job_id)
             await self._report(ReportCancelled(job_id=run.job_id))
         elif record is None:
-            error = "the job's wrapper was killed before it could record an exit code"
-            log.warning("job_lost", job_id=run.job_id, reason=error)
+            error = _unrecorded(status)
+            log.warning("job_lost", job_id=run.job_id, reason=error, wrapper_status=status)
             await self._report(ReportFailed(job_id=run.job_id, error=error, retryable=True))
         else:
             log.info("job_exited", job_id=run.job_id, exit_code=record.exit_code,
@@ -384,19 +396,78 @@ class LocalExecutor:
                 await anyio.sleep(REPORT_RETRY_SECONDS)
 
 
-def _start_wrapper(argv: list[str], files: RunFiles, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start the wrapper as the leader of a new session, its output in the job's log."""
-    with files.output.open("ab") as output:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            cwd=files.dir,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-        )
+def _start_wrapper(files: RunFiles, attempt: int, spec: JobSpec, env: dict[str, str]
+                   ) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the wrapper as the leader of a new session, its output in the job's log, with
+    the write end of a pipe to report the job's end; returns it and the pipe's read end."""
+    read_end, write_end = os.pipe()  # both close-on-exec: no other child inherits them
+    try:
+        argv = wrapper_argv(files.dir, attempt, spec.working_dir, spec.command,
+                            report_fd=write_end)
+        with files.output.open("ab") as output:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                cwd=files.dir,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(write_end,),
+            )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)  # the wrapper holds the only write end: its exit is the EOF
+    os.set_blocking(read_end, False)
+    return process, read_end
+
+
+def _read_report(run: _Run) -> ExitRecord | None:
+    """The exit record the wrapper sent down its pipe, read once the wrapper is reaped
+    (so all it wrote is there), or None when it sent none; closes the pipe."""
+    if run.report is None:
+        return None
+    data = b""
+    try:
+        while chunk := os.read(run.report, 65536):
+            data += chunk
+    except OSError:  # BlockingIOError: nothing (more) to read
+        pass
+    finally:
+        _close_report(run)
+    try:
+        raw = json.loads(data.split(b"\n", 1)[0])
+    except ValueError:
+        return None
+    return exit_record_from(raw, run.attempt)
+
+
+def _close_report(run: _Run) -> None:
+    if run.report is not None:
+        os.close(run.report)
+        run.report = None
+
+
+def _unrecorded(status: int | None) -> str:
+    """Why a run ended with no record of how the job ended (retried: infrastructure)."""
+    if status is not None and status < 0:
+        return (f"the job's wrapper was killed by signal {-status} before it could record "
+                "how the job ended")
+    if status is not None:
+        return (f"the job's wrapper exited with status {status} without recording how the "
+                "job ended")
+    return "the job's wrapper was killed before it could record an exit code"
+
+
+def _note(files: RunFiles, line: str) -> None:
+    """A line from gpuyard in the job's output, if it can be written (a full disk)."""
+    try:
+        files.note(line)
+    except OSError as exc:
+        log.warning("job_note_failed", path=str(files.output), error=str(exc))
 
 
 def _is_local(job: JobEntry) -> bool:
