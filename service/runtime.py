@@ -90,7 +90,8 @@ class Runtime:
 
         self.record_inventory()
         check = ChainCheck(self.log_path, self.engine.replayed_seq)
-        check.start()
+        if check.until_seq:  # a new log has nothing to check
+            check.start()
         try:
             async with self.engine.running():
                 executor = LocalExecutor(self.engine, self.runs_dir)
