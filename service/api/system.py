@@ -8,12 +8,11 @@ only), the recorded GPU inventory and, on request, which job holds which GPU.
 from __future__ import annotations
 
 import os
-import stat
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import anyio
 from litestar import Request, Response, Router, get
@@ -28,7 +27,7 @@ from service.api.auth import CurrentActor
 from service.api.context import runtime_of
 from service.api.errors import error_responses
 from service.commands import visible_job
-from service.executors.run_files import RunFiles, read_tail
+from service.executors.run_files import NotTheJobsOutput, open_output, read_tail
 from service.gpus import gpu_usage
 
 __all__ = ["inventory_summary", "memory_percent", "system_router"]
@@ -160,38 +159,14 @@ async def system_status(
     )
 
 
-def _output_is_readable(path: Path) -> bool:
-    """Whether the job's output log exists; 409 when it is there but is not a plain file.
-
-    Jobs run in their directories and could put anything in its place: a directory (an
-    error half-way through a stream), a FIFO (a read that never ends) or a symlink (a
-    file that is not the job's output). ``lstat``: nothing is opened, nothing followed.
-    """
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode)
-                else "a pipe" if stat.S_ISFIFO(mode) else "not a regular file")
-        raise HTTPException(status_code=409, detail=(
-            f"the job's output log {path} is {kind}, not the file the job wrote; "
-            "something in the job's directory replaced it"))
-    return True
-
-
-async def _whole_file(path: Path, offset: int = 0) -> AsyncIterator[bytes]:
-    try:
-        handle = await anyio.open_file(path, "rb")
-    except FileNotFoundError:
-        return
-    async with handle:
+async def _whole_file(handle: BinaryIO, offset: int) -> AsyncIterator[bytes]:
+    async with anyio.wrap_file(handle) as stream:
         if offset:
             # a follower is often at the end already; seeking far past it fails (EINVAL)
-            if offset >= os.fstat(handle.wrapped.fileno()).st_size:
+            if offset >= os.fstat(handle.fileno()).st_size:
                 return
-            await handle.seek(offset)
-        while chunk := await handle.read(CHUNK):
+            await stream.seek(offset)
+        while chunk := await stream.read(CHUNK):
             yield chunk
 
 
@@ -211,12 +186,17 @@ async def job_logs(
     Your own jobs, or any job for leads and admins."""
     runtime = runtime_of(request)
     visible_job(runtime.engine.state, job_id, actor)
-    path = RunFiles(runtime.runs_dir, job_id).output
-    if not _output_is_readable(path):
+    try:
+        handle = open_output(runtime.runs_dir, job_id)
+    except NotTheJobsOutput as exc:
+        raise HTTPException(status_code=409, detail=f"{exc}; something in the job's "
+                            "directory replaced it") from None
+    if handle is None:
         return Response(b"", media_type=TEXT)  # it has not run yet
     if tail is None:
-        return Stream(_whole_file(path, offset or 0), media_type=TEXT)
-    content = await anyio.to_thread.run_sync(read_tail, path, tail)
+        return Stream(_whole_file(handle, offset or 0), media_type=TEXT)
+    with handle:
+        content = await anyio.to_thread.run_sync(read_tail, handle, tail)
     return Response(content, media_type=TEXT)
 
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from msgspec import Struct
 
@@ -97,30 +100,62 @@ class RunFiles:
             handle.write(f"gpuyard: {line}\n")
 
 
-def read_tail(path: Path, lines: int | None, *, block: int = 64 * 1024) -> bytes:
-    """The last ``lines`` lines of ``path`` (all of it when None); b"" when it does not exist.
+class NotTheJobsOutput(Exception):
+    """What stands where a job's output log should be is not a plain file in its own run
+    directory (the job replaced it, or its directory, with something else)."""
 
-    Reads backwards in blocks, so a tail of a large log costs only what it returns.
+
+def open_output(runs_dir: Path, job_id: str) -> BinaryIO | None:
+    """The job's ``output.log``, opened for reading; ``None`` when there is none yet.
+
+    A job runs in its own directory and could put anything in place of its log, or of the
+    directory: a FIFO (a read that never returns), a symlink (a file that is not the
+    job's), a directory. Nothing is followed (``O_NOFOLLOW`` on both steps, the log opened
+    relative to the directory opened first) and nothing blocks (``O_NONBLOCK``); what was
+    opened is checked to be a plain file. Raises :class:`NotTheJobsOutput`.
     """
+    where = runs_dir / job_id
     try:
-        handle = path.open("rb")
+        dir_fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        return b""
-    with handle:
-        if lines is None:
-            return handle.read()
-        end = handle.seek(0, 2)
-        position = end
-        chunks: list[bytes] = []
-        newlines = 0
-        while position > 0 and newlines <= lines:
-            step = min(block, position)
-            position -= step
-            handle.seek(position)
-            chunk = handle.read(step)
-            chunks.append(chunk)
-            newlines += chunk.count(b"\n")
-        data = b"".join(reversed(chunks))
+        return None
+    except OSError as exc:  # ELOOP (a symlink), ENOTDIR (a file)
+        raise NotTheJobsOutput(f"the job's run directory {where} is not a directory "
+                               f"({exc.strerror})") from None
+    try:
+        fd = os.open("output.log", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # ELOOP: a symlink
+        raise NotTheJobsOutput(f"the job's output log {where / 'output.log'} cannot be read "
+                               f"as its own file ({exc.strerror})") from None
+    finally:
+        os.close(dir_fd)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else (
+            "a pipe" if stat.S_ISFIFO(mode) else "not a regular file")
+        raise NotTheJobsOutput(f"the job's output log {where / 'output.log'} is {kind}, not "
+                               "the file the job wrote")
+    return os.fdopen(fd, "rb")
+
+
+def read_tail(handle: BinaryIO, lines: int, *, block: int = 64 * 1024) -> bytes:
+    """The last ``lines`` lines of an open file. Reads backwards in blocks, so a tail of a
+    large log costs only what it returns."""
+    end = handle.seek(0, 2)
+    position = end
+    chunks: list[bytes] = []
+    newlines = 0
+    while position > 0 and newlines <= lines:
+        step = min(block, position)
+        position -= step
+        handle.seek(position)
+        chunk = handle.read(step)
+        chunks.append(chunk)
+        newlines += chunk.count(b"\n")
+    data = b"".join(reversed(chunks))
     # a final newline ends the last line; it does not start an empty one
     body = data[:-1] if data.endswith(b"\n") else data
     kept = body.split(b"\n")[-lines:]
