@@ -172,6 +172,8 @@ class Engine:
     def execute_now(self, command: Command, actor: Actor) -> Committed:
         """Run one command before the write loop runs (start-up), appending on this thread.
 
+        A batch of one, as the write loop makes it: what the batch decided besides the
+        command (expired approvals, a pass) is committed even when the command is refused.
         Raises the command's :class:`DomainError`, or :class:`LogError` when the log cannot
         be written; the state is then read again from the log: nothing is half-applied.
         Nobody has subscribed yet, so nobody is told.
@@ -180,9 +182,11 @@ class Engine:
             raise RuntimeError("the write loop runs: use execute")
         request = _Request(command, actor, None)
         self._catch_up()
-        records, answers = self._decide_batch([request], self._now())
-        if request.error is not None:
-            raise request.error
+        try:
+            records, answers = self._decide_batch([request], self._now())
+        except Exception:
+            self._reload()  # a fold that failed half-way
+            raise
         if records:
             try:
                 self.log.append(records)
@@ -191,6 +195,8 @@ class Engine:
                 raise
             self.state, self._work = self._work, self.state
             self._missed = records
+        if request.error is not None:
+            raise request.error
         ((_, outcome, mine),) = answers
         assert outcome is not None
         return Committed(outcome, mine)
@@ -326,13 +332,15 @@ class Engine:
             )
             command = request.command
             kind = type(command)  # commands are final Structs; isinstance misses are slow
+            wants_pass = wants_pass or bool(outcome.events)  # a change since the last pass
             if kind is Submit and command.no_wait and outcome.events:
                 # its answer promised a start: give it the pass before anyone else acts
                 self._schedule(now, records, request.correlation_id)
+                wants_pass = False
             if kind is Process:
                 # a pass of its own, so that its answer can name what it dispatched
                 mine = mine + self._schedule(now, records, request.correlation_id)
-            wants_pass = wants_pass or bool(outcome.events) or kind is Process
+                wants_pass = False
             answers.append((request, outcome, mine))
         if wants_pass:
             self._schedule(now, records, batch[-1].correlation_id if len(batch) == 1 else None)

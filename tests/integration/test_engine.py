@@ -316,6 +316,25 @@ async def test_an_expired_approval_cannot_be_approved_before_the_next_tick(
         assert [(r.actor, r.event.job_id) for r in rejected] == [("system", "wait")]
 
 
+def test_a_start_up_command_that_is_refused_still_commits_what_its_batch_decided(
+    tmp_path: Path,
+) -> None:
+    """``execute_now`` is a batch of one: the approval that expired before it is rejected
+    and written even though the command itself is refused, and the state is the log's."""
+    clock = Clock()
+    log = EventLog(tmp_path / "events.db")
+    engine = Engine(log, clock=clock)
+    engine.execute_now(submit("wait", requires_approval=True), ALICE)
+    clock.now += 24 * 3600 + 1
+    with pytest.raises(UnknownJob):
+        engine.execute_now(Approve("nosuch"), LOCAL_ADMIN)
+    assert [r.type for r in log.read()] == ["job.submitted", "job.rejected"]
+    assert engine.state.jobs["wait"].status == "rejected"
+    assert snapshot(engine.state) == snapshot(fold(list(log.read())))
+    engine.execute_now(submit("next"), ALICE)  # the working copy is in step: no conflict
+    assert log.last_seq == engine.state.last_seq == 4  # submitted, dispatched
+
+
 # ---------------------------------------------------------------- a reference pass
 
 # The rules of SPEC section 4 transliterated as plainly as possible: sort every pending
