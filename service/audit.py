@@ -296,7 +296,7 @@ def backup_log(source: str | Path, dest: str | Path) -> Verified:
     backup that fails (a full disk) leaves nothing half-written, and an earlier ``dest``
     as it was.
     """
-    dest = Path(dest)
+    dest = Path(dest).resolve()  # a symlink: replace the file it names, keep the link
     partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     try:
         log = EventLog(source, readonly=True)

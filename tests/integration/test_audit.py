@@ -5,16 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import apsw
 import pytest
 import httpx
 from cli_runner import gpuyard, one_error_line
-from serverproc import REPO_ROOT, ServerProcess
+from serverproc import ServerProcess
 from recorded_day import record_busy_day
 
 from events.codec import encode_event
@@ -387,11 +384,7 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(
     assert full == "gpuyard: error: cannot write /dev/full: No space left on device"
     dest = tmp_path / "out" / f"export.{fmt}"
     dest.parent.mkdir()
-    too_big = subprocess.run(  # every write past 64 KiB fails (EFBIG), as a full disk would
-        [sys.executable, "-m", "service.cli", "audit", "export", "--db", str(day_db),
-         "--format", fmt, "-o", str(dest)], cwd=REPO_ROOT, capture_output=True, text=True,
-        timeout=60, check=False,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)),
-    )
+    too_big = gpuyard("audit", "export", "--db", str(day_db), "--format", fmt, "-o",
+                      str(dest), file_size_limit=64 * 1024)
     assert one_error_line(too_big) == f"gpuyard: error: cannot write {dest}: File too large"
     assert list(dest.parent.iterdir()) == []

@@ -3,17 +3,14 @@ restores into a server that serves exactly what the copy holds."""
 
 from __future__ import annotations
 
-import resource
+import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import httpx
 from cli_runner import gpuyard, one_error_line
-from serverproc import REPO_ROOT, ServerProcess
+from serverproc import ServerProcess
 
 from events.envelope import seal
 from events.log import EventLog
@@ -122,15 +119,8 @@ def test_a_backup_that_fails_for_space_leaves_nothing_and_the_old_copy_as_it_was
     dest.parent.mkdir()
     dest.write_bytes(b"the earlier backup")
 
-    def small_files() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
-
-    failed = subprocess.run(
-        [sys.executable, "-m", "service.cli", "backup", "--db", str(source), "--force",
-         str(dest)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
-        preexec_fn=small_files,
-    )
+    failed = gpuyard("backup", "--db", str(source), "--force", str(dest),
+                     file_size_limit=64 * 1024)
     assert failed.returncode != 0
     line = one_error_line(failed)
     assert line == (f"gpuyard: error: backup to {dest} failed: a write failed (is the disk "
@@ -141,3 +131,20 @@ def test_a_backup_that_fails_for_space_leaves_nothing_and_the_old_copy_as_it_was
     assert taken.returncode == 0, taken.stderr
     assert sorted(p.name for p in dest.parent.iterdir()) == ["backup.db"]
     assert verify_file(dest).count == 2000
+
+
+def test_a_backup_through_a_symlink_replaces_the_file_it_names(tmp_path: Path) -> None:
+    """`latest.db -> monday.db`: --force writes monday.db and keeps the link."""
+    source = tmp_path / "events.db"
+    log = EventLog(source)
+    log.append([seal(log.last_hash, 1, 1.0, "x", None, None, JobSubmitted(
+        job_id="j1", user_id=0, priority=30,
+        spec=JobSpec(config_name="c", command=("true",), num_processes=0)))])
+    log.close()
+    (tmp_path / "monday.db").write_bytes(b"old")
+    link = tmp_path / "latest.db"
+    link.symlink_to("monday.db")
+    taken = gpuyard("backup", "--db", str(source), "--force", str(link))
+    assert taken.returncode == 0, taken.stderr
+    assert link.is_symlink() and os.readlink(link) == "monday.db"
+    assert verify_file(tmp_path / "monday.db").count == 1

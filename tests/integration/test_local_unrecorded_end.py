@@ -211,23 +211,19 @@ def test_the_wrapper_tells_its_parent_how_the_job_ended_when_no_file_can_be_writ
 ) -> None:
     files = RunFiles(tmp_path / "runs", "w")
     read_end, write_end = os.pipe()
-    try:
-        wrapper = start_wrapper(files, jobs.command("--wait", "--exit", "130"),
-                                report_fd=write_end)
-        os.close(write_end)
+    report = os.fdopen(read_end, "rb")  # closed once, by the with
+    with report:
+        try:
+            wrapper = start_wrapper(files, jobs.command("--wait", "--exit", "130"),
+                                    report_fd=write_end)
+        finally:
+            os.close(write_end)  # the wrapper holds its own copy
         leftovers.append(wrapper.pid)
         eventually(lambda: jobs.seen("w"), "the job ran")
         no_file_writes(wrapper.pid)
         jobs.release("w")
         assert wrapper.wait(timeout=SETTLE) == 130
-        with os.fdopen(read_end, "rb") as report:
-            said = json.loads(report.read())
-    finally:
-        for fd in (read_end, write_end):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        said = json.loads(report.read())
     record = exit_record_from(said, 1)
     # 130 is the job's own exit code, not a SIGINT: only the exit status could not tell
     assert record is not None and (record.exit_code, record.error) == (130, None)

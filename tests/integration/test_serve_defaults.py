@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,11 +156,15 @@ def test_a_server_whose_stderr_goes_away_keeps_recording(tmp_path: Path) -> None
         stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"
+    watchdog = threading.Timer(60.0, server.kill)  # a server that never says it serves
+    watchdog.start()
     try:
         assert server.stderr is not None
         for line in server.stderr:  # until uvicorn serves
             if "Uvicorn running" in line or "startup complete" in line.lower():
                 break
+        watchdog.cancel()
+        assert server.poll() is None, "the server never started"
         server.stderr.close()  # the reader goes away
         answers = [httpx.post(url + "/api/queue/submit", json={"config_name": "quick"},
                               timeout=30.0) for _ in range(3)]
@@ -176,6 +181,7 @@ def test_a_server_whose_stderr_goes_away_keeps_recording(tmp_path: Path) -> None
         missing = httpx.post(url + "/api/queue/nosuch/cancel", timeout=30.0)
         assert missing.status_code == 404  # an error's log line, lost too, is no 500
     finally:
+        watchdog.cancel()
         server.terminate()
         server.wait(timeout=30)
 
