@@ -26,6 +26,15 @@ pytestmark = pytest.mark.slow
 STARTED = "Queue scheduler started with 5s processing interval"
 
 
+def serve_once(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``gpuyard serve --port 0 ARGS...`` run to its end (these tests expect it to refuse)."""
+    return subprocess.run(
+        [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", "0",
+         *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+    )
+
+
 class ServeWithoutDataDir(ServerProcess):
     """``gpuyard serve`` given no ``--data-dir``; its own log goes to ``log_dir``."""
 
@@ -101,11 +110,7 @@ def test_a_log_event_that_cannot_be_read_is_one_line_not_blamed_on_gpus(tmp_path
     log.execute_raw("INSERT INTO events VALUES (1, 1.0, 'job.approved', 'x', NULL, NULL, "
                     "X'7B7D', X'00')")
     log.close()
-    done = subprocess.run(
-        [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", "0",
-         "--data-dir", str(tmp_path), "--gpus", "none"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )
+    done = serve_once("--data-dir", str(tmp_path), "--gpus", "none")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
@@ -113,12 +118,8 @@ def test_a_log_event_that_cannot_be_read_is_one_line_not_blamed_on_gpus(tmp_path
 
 
 def test_an_empty_data_dir_is_refused_not_taken_for_the_default(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", "0",
-         "--data-dir", "", "--gpus", "none"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
-        env={**os.environ, "HOME": str(tmp_path)},
-    )
+    done = serve_once("--data-dir", "", "--gpus", "none",
+                      env={**os.environ, "HOME": str(tmp_path)})
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "--data-dir" in done.stderr, done.stderr
     assert "is empty" in done.stderr
@@ -132,11 +133,7 @@ def test_a_log_that_cannot_be_written_at_start_is_one_line(tmp_path: Path) -> No
     log.execute_raw("CREATE TRIGGER refuse BEFORE INSERT ON events "
                     "BEGIN SELECT RAISE(ABORT, 'the disk is full, say'); END")
     log.close()
-    done = subprocess.run(
-        [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", "0",
-         "--data-dir", str(tmp_path), "--gpus", "2"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )
+    done = serve_once("--data-dir", str(tmp_path), "--gpus", "2")
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and STARTED not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1] == (
@@ -197,11 +194,7 @@ def test_a_log_missing_an_event_is_named_in_one_line(tmp_path: Path) -> None:
     log.execute_raw("DROP TRIGGER events_no_delete")
     log.execute_raw("DELETE FROM events WHERE seq = 1")
     log.close()
-    done = subprocess.run(
-        [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", "0",
-         "--data-dir", str(tmp_path), "--gpus", "none"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )
+    done = serve_once("--data-dir", str(tmp_path), "--gpus", "none")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(
@@ -245,15 +238,13 @@ def test_a_server_checks_the_chain_it_started_from(tmp_path: Path) -> None:
 @pytest.mark.parametrize("source", ["--gpus", "GPUYARD_GPUS"])
 def test_a_malformed_gpu_spec_is_blamed_on_where_it_came_from(tmp_path: Path,
                                                                source: str) -> None:
-    argv = [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port",
-            "0", "--data-dir", str(tmp_path / "data")]
+    args = ["--data-dir", str(tmp_path / "data")]
     env = {k: v for k, v in os.environ.items() if k != "GPUYARD_GPUS"}
     if source == "--gpus":
-        argv += ["--gpus", "4xA100"]
+        args += ["--gpus", "4xA100"]
     else:
         env["GPUYARD_GPUS"] = "4xA100"
-    done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-                          check=False, env=env)
+    done = serve_once(*args, env=env)
     assert done.returncode == 2
     assert done.stderr == (f"gpuyard: error: {source}: malformed GPU spec '4xA100': bad group "
                            "'4xA100'; expected none, N, NxMODEL:GB or a comma-separated list "
