@@ -193,8 +193,7 @@ class Engine:
             except LogError:
                 self._reload()
                 raise
-            self.state, self._work = self._work, self.state
-            self._missed = records
+            self._swap_in(records)
         if request.error is not None:
             raise request.error
         ((_, outcome, mine),) = answers
@@ -234,6 +233,12 @@ class Engine:
 
     def _now(self) -> float:
         return max(self.clock(), self.state.last_at, self._work.last_at)
+
+    def _swap_in(self, records: list[Recorded]) -> None:
+        """``records`` are on disk: readers now see the working copy; the old front copy
+        becomes the working one, and folds them at the start of the next batch."""
+        self.state, self._work = self._work, self.state
+        self._missed = records
 
     def _catch_up(self) -> None:
         for recorded in self._missed:
@@ -287,8 +292,7 @@ class Engine:
                 self._fail(batch, done, "the event log could not be written; nothing was "
                            "changed, try again")
                 return
-            self.state, self._work = self._work, self.state
-            self._missed = records
+            self._swap_in(records)
         for request, outcome, mine in answers:
             if outcome is not None:
                 request.result = Committed(outcome, mine)

@@ -2,10 +2,10 @@
 
 Domain errors (``service.commands``) know nothing of HTTP; they are mapped here:
 unknown job/user/config 404, wrong state and conflicts 409, not allowed 403, invalid
-values 422, a configs directory the server cannot use 503. Litestar's own errors keep
-their status, except that validation of a body, query or path value is a 422 and a body
-that is not JSON a 400. Anything unexpected is logged with its traceback and answered 500
-without internals.
+values 422, a configs directory the server cannot use 503, a job's output log replaced by
+something else 409. Litestar's own errors keep their status, except that validation of a
+body, query or path value is a 422 and a body that is not JSON a 400. Anything unexpected
+is logged with its traceback and answered 500 without internals.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
+    HTTP_409_CONFLICT,
     HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_500_INTERNAL_SERVER_ERROR,
@@ -41,6 +42,7 @@ from service.commands import (
 )
 from service.configs import ConfigsUnavailable
 from service.engine import EngineUnavailable
+from service.executors.run_files import NotTheJobsOutput
 
 __all__ = ["EXCEPTION_HANDLERS", "DOMAIN_STATUS", "error_responses", "REQUEST_ID_KEY",
            "MAX_BODY_BYTES", "MalformedBody"]
@@ -165,6 +167,11 @@ def _msgspec(request: Request[Any, Any, Any], exc: msgspec.ValidationError) -> R
     return _answer(request, HTTP_422_UNPROCESSABLE_ENTITY, f"invalid request: {exc}")
 
 
+def _replaced(request: Request[Any, Any, Any], exc: NotTheJobsOutput) -> Response[ErrorBody]:
+    return _answer(request, HTTP_409_CONFLICT,
+                   f"{exc}; something in the job's directory replaced it")
+
+
 def _unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     detail = str(exc) if isinstance(exc, EngineUnavailable) else (
         "the event log cannot be read right now; try again")
@@ -192,6 +199,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     HTTPException: _http,
     MalformedBody: _malformed,
     msgspec.ValidationError: _msgspec,
+    NotTheJobsOutput: _replaced,
     EngineUnavailable: _unavailable,
     LogError: _unavailable,
     RecursionError: _recursion,

@@ -16,7 +16,6 @@ from typing import Annotated, Any, BinaryIO
 
 import anyio
 from litestar import Request, Response, Router, get
-from litestar.exceptions import HTTPException
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Stream
 from msgspec import Struct
@@ -27,7 +26,7 @@ from service.api.auth import CurrentActor
 from service.api.context import runtime_of
 from service.api.errors import error_responses
 from service.commands import visible_job
-from service.executors.run_files import NotTheJobsOutput, open_output, read_tail
+from service.executors.run_files import open_output, read_tail
 from service.gpus import gpu_usage
 
 __all__ = ["inventory_summary", "memory_percent", "system_router"]
@@ -186,11 +185,7 @@ async def job_logs(
     Your own jobs, or any job for leads and admins."""
     runtime = runtime_of(request)
     visible_job(runtime.engine.state, job_id, actor)
-    try:
-        handle = open_output(runtime.runs_dir, job_id)
-    except NotTheJobsOutput as exc:
-        raise HTTPException(status_code=409, detail=f"{exc}; something in the job's "
-                            "directory replaced it") from None
+    handle = open_output(runtime.runs_dir, job_id)  # NotTheJobsOutput: 409 (errors.py)
     if handle is None:
         return Response(b"", media_type=TEXT)  # it has not run yet
     if tail is None:
