@@ -114,12 +114,13 @@ class Runtime:
 
 
 def lock_data_dir(data_dir: Path) -> int:
-    """Hold ``<data-dir>/server.lock`` for this process: one server per data directory.
+    """Lock the data directory itself for this process: one server per data directory.
 
-    Two servers on one log would both append and both launch jobs. The lock goes with
-    the process, so a server killed with SIGKILL leaves nothing to clean up.
+    Two servers on one log would both append and both launch jobs. The lock is on the
+    directory, not on a file in it, so no file can be deleted to get round it; it goes
+    with the process, so a server killed with SIGKILL leaves nothing to clean up.
     """
-    fd = os.open(data_dir / "server.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
