@@ -335,6 +335,39 @@ def test_a_start_up_command_that_is_refused_still_commits_what_its_batch_decided
     assert log.last_seq == engine.state.last_seq == 4  # submitted, dispatched
 
 
+def test_each_batch_runs_one_scheduling_pass(tmp_path: Path, monkeypatch) -> None:
+    """A tick, a submit, a ``no_wait`` submit, a batch that also expires an approval: one
+    pass each (a pass walks the whole queue: two would double the engine's work)."""
+    passes: list[float] = []
+    decide = scheduler.decide
+
+    def counted(state: QueueState, now: float) -> list[JobDispatched]:
+        passes.append(now)
+        return decide(state, now)
+
+    monkeypatch.setattr(scheduler, "decide", counted)
+    clock = Clock()
+    engine = Engine(EventLog(tmp_path / "events.db"), clock=clock)
+
+    def pass_count(command: Command, actor: Actor) -> int:
+        passes.clear()
+        with contextlib.suppress(DomainError):
+            engine.execute_now(command, actor)
+        return len(passes)
+
+    assert pass_count(Process(), SYSTEM) == 1  # the periodic tick
+    assert pass_count(ChangeSettings({"local_job_max_concurrent": 5}), LOCAL_ADMIN) == 1
+    assert pass_count(submit("a"), ALICE) == 1
+    assert pass_count(submit("b", no_wait=True), BOB) == 1
+    assert engine.state.jobs["b"].status == "running"
+    assert pass_count(submit("wait", requires_approval=True), CAROL) == 1
+    clock.now += 24 * 3600 + 1
+    assert pass_count(Process(), SYSTEM) == 1  # expires "wait" and passes once
+    assert engine.state.jobs["wait"].status == "rejected"
+    clock.now += 24 * 3600 + 1
+    assert pass_count(Approve("nosuch"), LOCAL_ADMIN) == 0  # nothing changed: no pass
+
+
 # ---------------------------------------------------------------- a reference pass
 
 # The rules of SPEC section 4 transliterated as plainly as possible: sort every pending
