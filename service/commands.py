@@ -138,7 +138,8 @@ def _require(actor: Actor, levels: tuple[str, ...], action: str) -> None:
 
 
 def require_admin(actor: Actor, action: str) -> None:
-    """Only admins may do ``action`` (reads check it too: users, configs, audit export)."""
+    """Only admins may do ``action`` (reads check it too: users, queue settings, audit
+    export)."""
     _require(actor, ("admin",), action)
 
 

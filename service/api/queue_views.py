@@ -27,7 +27,7 @@ from service.api.models import (
     QueueListing,
     StatsResponse,
 )
-from service.commands import listing_scope, visible_job
+from service.commands import listing_scope, require_admin, visible_job
 
 __all__ = ["QUEUE_VIEWS", "settings_out"]
 
@@ -102,9 +102,13 @@ def job_position(request: Request[Any, Any, Any], actor: CurrentActor,
     return entries.position_of(state, visible_job(state, job_id, actor), read_now(state))
 
 
-@get("/concurrency", sync_to_thread=False, responses=error_responses(401),
+@get("/concurrency", sync_to_thread=False, responses=error_responses(401, 403),
      summary="Queue limits and settings")
 def get_concurrency(request: Request[Any, Any, Any], actor: CurrentActor) -> ConcurrencySettings:
+    """Admin (SPEC 6: concurrency is an admin action); everyone reads the limits that
+    decide their wait in ``GET /api/queue/stats``."""
+    require_admin(actor, "reading the queue settings (everyone sees the limits in "
+                  "GET /api/queue/stats)")
     return settings_out(engine_of(request).state)
 
 

@@ -96,6 +96,7 @@ async def admin_only_calls(api, level: str) -> dict[str, object]:
     calls = {
         "approve": await api.post(f"/api/queue/{blocked[0]}/approve", who=level),
         "reject": await api.post(f"/api/queue/{blocked[1]}/reject", who=level, reason="no"),
+        "read limits": await api.get("/api/queue/concurrency", level),
         "concurrency": await api.post("/api/queue/concurrency", {"max_concurrent": 7}, level),
         "process": await api.post("/api/queue/process", who=level),
         "cleanup": await api.post("/api/queue/cleanup", who=level, days=30),
@@ -137,9 +138,10 @@ async def test_row_4_only_admins_approve_reject_set_limits_process_clean_up_mana
         assert api.state.status_counts["blocked"] == 2
 
 
-async def test_everyone_reads_limits_and_configs(api) -> None:
+async def test_everyone_reads_configs_and_the_limits_in_stats(api) -> None:
     await given_a_team(api)
     for level in LEVELS:
-        assert (await api.get("/api/queue/concurrency", level)).status_code == 200
+        stats = (await api.get("/api/queue/stats", level)).json()
+        assert (stats["max_concurrent"], stats["user_max_concurrent"]) == (5, 2)
         assert (await api.get("/api/configs", level)).status_code == 200
         assert (await api.get("/api/configs/cpu", level)).status_code == 200
