@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import click
 
-from service.client import DEFAULT_URL, Client, ClientError, segment
+from service.client import DEFAULT_URL, Client, ClientError, job_segment, segment
 from service.wording import plural
 
 __all__ = ["main", "cli"]
@@ -373,7 +373,7 @@ def jobs_cancel(ctx: click.Context, job_ids: tuple[str, ...], all_jobs: bool, ye
         _echo_cancelled(api.post("/api/queue/cancel", {"all": True}).get("cancelled", []))
         return
     if len(job_ids) == 1:
-        answer = api.post(f"/api/queue/{segment(job_ids[0])}/cancel")
+        answer = api.post(f"/api/queue/{job_segment(job_ids[0])}/cancel")
         click.echo(_cancel_line(job_ids[0], answer.get("status")))
         return
     answer = api.post("/api/queue/cancel", {"job_ids": list(job_ids)})
@@ -400,6 +400,15 @@ def jobs_status(ctx: click.Context, fmt: str) -> None:
     _out().print(key_values(stats_pairs(answer), title="queue"))
 
 
+def _job_entry(api: Client, job_id: str) -> dict[str, Any]:
+    """``GET /api/queue/{job_id}``. A word such as ``stats`` or ``me`` names a route of
+    its own there, and is no job's: an answer that is not this job's entry is a 404."""
+    answer = api.get(f"/api/queue/{job_segment(job_id)}")
+    if not isinstance(answer, dict) or answer.get("job_id") != job_id:
+        raise ClientError(f"not found: no job with id {job_id!r}", 404)
+    return answer
+
+
 @jobs.command("show")
 @click.argument("job_id")
 @FORMAT
@@ -408,7 +417,7 @@ def jobs_show(ctx: click.Context, job_id: str, fmt: str) -> None:
     """One job's queue entry."""
     from service.cli_tables import key_values
 
-    answer = _api(ctx).get(f"/api/queue/{segment(job_id)}")
+    answer = _job_entry(_api(ctx), job_id)
     if fmt == "json":
         _json(answer)
         return
@@ -427,7 +436,7 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
               interval: float) -> None:
     """A job's combined stdout and stderr."""
     api = _api(ctx)
-    path = f"/api/queue/{segment(job_id)}/logs"
+    path = f"/api/queue/{job_segment(job_id)}/logs"
     out = sys.stdout.buffer
     if not follow:
         with api.stream(path, tail=tail) as chunks:
@@ -446,7 +455,7 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
                 output.print_new(tail)  # --tail prints at once, after reading: all or none
                 started = True
             # the status first: output written before the job ended is then all in the file
-            entry = api.get(f"/api/queue/{segment(job_id)}")
+            entry = _job_entry(api, job_id)
             output.print_new()
         except ClientError as exc:
             if not (exc.unreachable or exc.status in (502, 503, 504)):  # 502/504: a proxy's
@@ -533,7 +542,7 @@ def _print_explanation(answer: dict[str, Any]) -> None:
 @click.pass_context
 def jobs_explain(ctx: click.Context, job_id: str, fmt: str) -> None:
     """Why JOB is not running now."""
-    answer = _api(ctx).get(f"/api/queue/{segment(job_id)}/explain")
+    answer = _api(ctx).get(f"/api/queue/{job_segment(job_id)}/explain")
     if fmt == "json":
         _json(answer)
     else:
@@ -545,7 +554,7 @@ def jobs_explain(ctx: click.Context, job_id: str, fmt: str) -> None:
 @click.pass_context
 def jobs_approve(ctx: click.Context, job_id: str) -> None:
     """Approve a blocked job (admin)."""
-    answer = _api(ctx).post(f"/api/queue/{segment(job_id)}/approve")
+    answer = _api(ctx).post(f"/api/queue/{job_segment(job_id)}/approve")
     click.echo(f"job {job_id}: approved, now {answer.get('status', 'pending')}")
 
 
@@ -555,7 +564,7 @@ def jobs_approve(ctx: click.Context, job_id: str) -> None:
 @click.pass_context
 def jobs_reject(ctx: click.Context, job_id: str, reason: str | None) -> None:
     """Reject a blocked job (admin)."""
-    _api(ctx).post(f"/api/queue/{segment(job_id)}/reject", reason=reason)
+    _api(ctx).post(f"/api/queue/{job_segment(job_id)}/reject", reason=reason)
     click.echo(f"job {job_id}: rejected" + (f" ({reason})" if reason else ""))
 
 
@@ -584,7 +593,7 @@ def jobs_priority(ctx: click.Context, job_id: str, priority: str) -> None:
             raise click.BadParameter(f"{priority!r} is not 0-100 or none",
                                      param_hint="PRIORITY")
         value = int(priority)
-    answer = _api(ctx).post(f"/api/queue/{segment(job_id)}/priority", {"priority": value})
+    answer = _api(ctx).post(f"/api/queue/{job_segment(job_id)}/priority", {"priority": value})
     position = answer.get("position")
     where = f", position {position}" if position else ""
     override = answer.get("priority_override", value)

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 else:
     httpx = _import_httpx()
 
-__all__ = ["DEFAULT_URL", "Client", "ClientError", "segment"]
+__all__ = ["DEFAULT_URL", "Client", "ClientError", "job_segment", "segment"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -86,6 +86,14 @@ def segment(value: object) -> str:
         return quote(text, safe="")
     except UnicodeEncodeError:
         raise _not_text() from None
+
+
+def job_segment(job_id: str) -> str:
+    """A job id as the segment after ``/api/queue/``. Job ids are url-safe (SPEC 2): one
+    that is path syntax (``..``, ``a/b``) is no job's, and must not reach another route."""
+    if job_id in (".", "..") or "/" in job_id:
+        raise ClientError(f"not found: no job with id {job_id!r}", 404)
+    return segment(job_id)
 
 
 def _detail(response: httpx.Response) -> str:

@@ -108,6 +108,15 @@ def test_submit_then_list_as_table_and_json_with_a_nested_field(cli, server) -> 
     line = next(line for line in table.stdout.splitlines() if job_id in line)
     assert line.split() == [job_id, "quick", "a"]
 
+    shown = cli("jobs", "show", job_id, "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    entry = json.loads(shown.stdout)
+    assert (entry["job_id"], entry["config_name"], entry["metadata"]["sweep"]) == (
+        job_id, "quick", "a")
+    as_table = cli("jobs", "show", job_id)
+    assert as_table.returncode == 0, as_table.stderr
+    assert f"job {job_id}" in as_table.stdout and "lr-3e-4" in as_table.stdout
+
     full = json.loads(cli("jobs", "list", "--format", "json").stdout)
     assert {"job_id", "status", "metadata", "allocated_gpus"} <= set(full[0])
 
@@ -474,7 +483,12 @@ def test_export_csv_and_a_filtered_export(cli, tmp_path: Path) -> None:
         (["audit", "export", "--job-id", "\udcff"], "not valid UTF-8"),
         # an id is one path segment: `?` or `/` in it reaches no other route
         (["jobs", "logs", "?tail=1"], "not found (404)"),
-        (["jobs", "cancel", "a/b"], "not found (404)"),
+        (["jobs", "cancel", "a/b"], "no job with id 'a/b'"),
+        (["jobs", "approve", ".."], "no job with id '..'"),
+        # a word that names a route of its own under /api/queue/ is no job's
+        (["jobs", "show", "stats"], "no job with id 'stats'"),
+        (["jobs", "show", "me", "--format", "json"], "no job with id 'me'"),
+        (["jobs", "logs", "concurrency", "-f"], "not found (404)"),
         (["jobs", "cancel", ""], "cannot be empty"),
         (["queue", "cleanup", "--days", "0"], "--days"),
         (["nosuchcommand"], "nosuchcommand"),
