@@ -1071,6 +1071,8 @@ def replay(db_path: str, until_seq: int | None, until: str | None, explain_job: 
                                    ("--explain", explain_job is not None)) if on]
     if len(modes) > 1:
         raise click.UsageError(f"{' and '.join(modes)} cannot be combined; pick one")
+    if until_seq is not None and until is not None:  # two moments: name one
+        raise click.UsageError("--until-seq and --until cannot be combined; pick one")
     until_at = _timestamp(until, "--until")
     overrides: dict[str, Any] = {}
     if what_if:

@@ -354,6 +354,8 @@ def test_an_unverified_log_whose_events_disagree_is_named_in_one_line(
         ["replay", "--db", "{db}", "--what-if", "cancel_grace_seconds=99999"],  # as POST
         ["replay", "--db", "{db}", "--explain", "nope"],
         ["replay", "--db", "{db}", "--until", "yesterday-ish"],
+        # two moments (the state after seq 5 is not the state at a later time)
+        ["replay", "--db", "{db}", "--until-seq", "5", "--until", "2100-01-01T00:00:00Z"],
     ],
 )
 def test_cli_replay_errors_are_one_line(args: list[str], day_db: Path) -> None:
