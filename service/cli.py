@@ -146,20 +146,29 @@ def _api(ctx: click.Context) -> Client:
     return connection.client()
 
 
-def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """An empty directory name is a mistake (an unset variable in a script), not a default."""
-    if value is not None and not value.strip():
-        raise click.BadParameter("is empty; name a directory, or leave the option out for "
-                                 "the default")
-    return value
+def _not_empty(instead: str) -> Any:
+    """A callback refusing an empty value: a mistake (an unset variable in a script), not
+    the default; ``instead`` says what to give."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise click.BadParameter(f"is empty; {instead}")
+        return value
+
+    return check
+
+
+_DIR_NOT_EMPTY = _not_empty("name a directory, or leave the option out for the default")
 
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
-@click.option("--data-dir", envvar="GPUYARD_DATA_DIR", default=None, callback=_not_empty,
+@click.option("--data-dir", envvar="GPUYARD_DATA_DIR", default=None, callback=_DIR_NOT_EMPTY,
               help="Data directory (default: GPUYARD_DATA_DIR, else ~/.gpuyard).")
 @click.option("--gpus", envvar="GPUYARD_GPUS", default=None,
+              callback=_not_empty("give none, 4, 4xA100:40 or 2xH100:80,2xL4:24, or leave "
+                                  "the option out to use NVML"),
               help="GPU inventory instead of NVML: none (or 0), 4, 4xA100:40, "
                    "2xH100:80,2xL4:24.")
 @click.pass_context
@@ -952,7 +961,7 @@ def audit_verify(export: str | None, db_path: str | None, partial: bool) -> None
 @click.argument("dest", type=click.Path(dir_okay=False))
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
               help="The log to copy (default: events.db in the data directory).")
-@click.option("--data-dir", envvar="GPUYARD_DATA_DIR", default=None, callback=_not_empty,
+@click.option("--data-dir", envvar="GPUYARD_DATA_DIR", default=None, callback=_DIR_NOT_EMPTY,
               help="Data directory (default: GPUYARD_DATA_DIR, else ~/.gpuyard).")
 @click.option("--force", is_flag=True, help="Replace DEST if it exists.")
 def backup(dest: str, db_path: str | None, data_dir: str | None, force: bool) -> None:

@@ -126,6 +126,16 @@ def test_an_empty_data_dir_is_refused_not_taken_for_the_default(tmp_path: Path) 
     assert not (tmp_path / ".gpuyard").exists()
 
 
+def test_an_empty_gpus_is_refused_not_taken_for_no_gpus(tmp_path: Path) -> None:
+    """``--gpus "$GPUS"`` with the variable unset: a mistake, not a machine without GPUs
+    (an empty GPUYARD_GPUS is ignored, as click ignores every empty variable)."""
+    done = serve_once("--data-dir", str(tmp_path / "data"), "--gpus", " ")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--gpus" in done.stderr, done.stderr
+    assert "is empty" in done.stderr and "NVML" in done.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_log_that_cannot_be_written_at_start_is_one_line(tmp_path: Path) -> None:
     """The first write of a start-up (the GPU inventory) happens before the server
     listens: a log that refuses it stops the start with one line, not uvicorn's traceback."""
