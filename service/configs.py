@@ -90,8 +90,11 @@ def check_config(name: str, spec: ConfigSpec) -> ConfigSpec:
             raise InvalidRequest(f"{where}: env name {key!r} is not a valid variable name")
         if "\x00" in value:
             raise InvalidRequest(f"{where}: env value of {key} contains a NUL character")
-    if spec.working_dir is not None and (not spec.working_dir or "\x00" in spec.working_dir):
-        raise InvalidRequest(f"{where}: working_dir must be a non-empty path")
+    if spec.working_dir is not None and (not spec.working_dir.startswith("/")
+                                         or "\x00" in spec.working_dir):
+        # relative to what? the job starts in its run directory, the server elsewhere
+        raise InvalidRequest(f"{where}: working_dir must be an absolute path (a job without "
+                             "one runs in <data-dir>/runs/<job_id>)")
     cost = spec.estimated_cost
     if cost is not None and (not math.isfinite(cost) or cost < 0):
         raise InvalidRequest(f"{where}: estimated_cost must be a finite number, 0 or more")
