@@ -600,8 +600,16 @@ class EngineMachine(RuleBasedStateMachine):
         try:
             return self.portal.call(self.engine.execute, command, actor, None)
         except DomainError as error:
-            assert self.log.last_seq == seq, "a refused command wrote events"
+            self.assert_wrote_nothing_since(seq, "a refused command")
             return error
+
+    def assert_wrote_nothing_since(self, seq: int, what: str) -> None:
+        """Nothing after ``seq`` but what every batch decides before its commands: the
+        approvals that have run out, rejected by the system (SPEC 5; engine.py)."""
+        written = [(r.type, r.actor, getattr(r.event, "reason", None))
+                   for r in self.log.read(after_seq=seq)]
+        assert all(w == ("job.rejected", "system", "approval expired") for w in written), (
+            f"{what} wrote events: {written}")
 
     def running_job(self, data: st.DataObject) -> str | None:
         running = sorted(self.engine.state.running)
@@ -665,14 +673,17 @@ class EngineMachine(RuleBasedStateMachine):
             return multiple()
         outcome = result.outcome
         if command.dry_run:
-            assert self.log.last_seq == seq and job_id not in self.engine.state.jobs
+            self.assert_wrote_nothing_since(seq, "a dry run")
+            assert job_id not in self.engine.state.jobs
             assert outcome.job_id is None and outcome.status in ("running", "queued", "blocked")
             return multiple()
         if command.no_wait and outcome.status == "rejected":
-            assert self.log.last_seq == seq and job_id not in self.engine.state.jobs
+            self.assert_wrote_nothing_since(seq, "a no_wait submit that cannot start")
+            assert job_id not in self.engine.state.jobs
             return multiple()
         if outcome.job_id != job_id:  # idempotent replay of an earlier submission
-            assert self.log.last_seq == seq and job_id not in self.engine.state.jobs
+            self.assert_wrote_nothing_since(seq, "an idempotent replay")
+            assert job_id not in self.engine.state.jobs
             return multiple()
         if command.no_wait:  # accepted with no_wait: it started in that same commit
             assert self.engine.state.jobs[job_id].status == "running"
