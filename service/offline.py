@@ -11,7 +11,6 @@ scheduling pass: the server does that when it starts.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -68,6 +67,6 @@ def add_user(
         finally:
             log.close()
     finally:
-        os.close(lock)
+        lock.release()
     assert outcome.user_id is not None
     return outcome.user_id, command.token_id, token

@@ -8,6 +8,7 @@ local executor, and stops them in reverse order when the block ends.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from service.commands import SYSTEM, ObserveInventory
 from service.configs import ConfigStore
 from service.engine import Engine
 
-__all__ = ["Runtime", "resolve_data_dir", "lock_data_dir"]
+__all__ = ["DataDirLock", "Runtime", "resolve_data_dir", "lock_data_dir"]
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
@@ -50,11 +51,12 @@ class Runtime:
         (self.data_dir / "configs").mkdir(exist_ok=True)
         self.runs_dir.mkdir(exist_ok=True)
         self._lock = lock_data_dir(self.data_dir)
+        self._closed = False
         self.log_path = self.data_dir / "events.db"
         try:
             self.event_log = EventLog(self.log_path)
         except BaseException:
-            os.close(self._lock)
+            self._lock.release()
             raise
         self.engine = Engine(self.event_log)
         self.configs = ConfigStore(self.data_dir / "configs")
@@ -106,24 +108,57 @@ class Runtime:
 
     def close(self) -> None:
         """Close the log and release the data directory; a second call does nothing."""
-        if self._lock < 0:
+        if self._closed:
             return
+        self._closed = True
         self.event_log.close()
-        os.close(self._lock)  # releases the data directory for the next server
-        self._lock = -1
+        self._lock.release()  # the next server may use the data directory
 
 
-def lock_data_dir(data_dir: Path) -> int:
-    """Lock the data directory itself for this process: one server per data directory.
+class DataDirLock:
+    """One server per data directory: two would both append and both launch jobs.
 
-    Two servers on one log would both append and both launch jobs. The lock is on the
-    directory, not on a file in it, so no file can be deleted to get round it; it goes
-    with the process, so a server killed with SIGKILL leaves nothing to clean up.
+    ``flock`` on ``<data-dir>/server.lock``, and on the directory itself so that deleting
+    that file does not let a second server in. NFS emulates ``flock`` with byte-range
+    locks that need a file open for writing, which a directory cannot be: there the
+    directory's lock is skipped and ``server.lock`` alone holds. The locks go with the
+    process, so a server killed with SIGKILL leaves nothing to clean up; the descriptors
+    are not inherited, so a job that outlives the server holds nothing.
     """
-    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OSError(f"another gpuyard server is using {data_dir}") from None
-    return fd
+
+    # a file system that cannot lock a directory says so with one of these
+    _CANNOT_LOCK = frozenset({errno.EBADF, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP})
+
+    def __init__(self, data_dir: Path) -> None:
+        self._fds: list[int] = []
+        try:
+            self._hold(data_dir, os.open(data_dir / "server.lock", os.O_RDWR | os.O_CREAT, 0o644))
+            directory = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                self._hold(data_dir, directory)
+            except OSError as exc:
+                if exc.errno not in self._CANNOT_LOCK:
+                    raise
+        except BaseException:
+            self.release()
+            raise
+
+    def _hold(self, data_dir: Path, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, BlockingIOError):
+                raise OSError(f"another gpuyard server is using {data_dir}") from None
+            raise
+        self._fds.append(fd)
+
+    def release(self) -> None:
+        """Let the next server in; a second call does nothing."""
+        while self._fds:
+            os.close(self._fds.pop())
+
+
+def lock_data_dir(data_dir: Path) -> DataDirLock:
+    """Hold the data directory for this process (see :class:`DataDirLock`)."""
+    return DataDirLock(data_dir)

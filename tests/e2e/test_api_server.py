@@ -179,12 +179,12 @@ def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path) -> None:
     data_dir = tmp_path / "data"
     write_configs(data_dir)
     with ServerProcess(data_dir) as first:
-        # the lock is on the directory: no file in it can be deleted to get round it
-        (data_dir / "server.lock").unlink(missing_ok=True)
+        # the directory itself is locked too: deleting server.lock does not get round it
+        (data_dir / "server.lock").unlink()
         result = subprocess.run(
             [sys.executable, "-c", "from service.cli import main; main()", "serve", "--port", "0",
              "--data-dir", str(data_dir), "--gpus", "4xA100:40"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
         )
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
