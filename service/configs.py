@@ -95,6 +95,11 @@ def check_config(name: str, spec: ConfigSpec) -> ConfigSpec:
         # relative to what? the job starts in its run directory, the server elsewhere
         raise InvalidRequest(f"{where}: working_dir must be an absolute path (a job without "
                              "one runs in <data-dir>/runs/<job_id>)")
+    program = spec.command[0]
+    if "/" in program and not program.startswith("/") and spec.working_dir is None:
+        raise InvalidRequest(f"{where}: command {program!r} is a relative path and there is no "
+                             "working_dir for it to be relative to; give an absolute path, or "
+                             "a working_dir")
     cost = spec.estimated_cost
     if cost is not None and (not math.isfinite(cost) or cost < 0):
         raise InvalidRequest(f"{where}: estimated_cost must be a finite number, 0 or more")

@@ -72,6 +72,8 @@ def test_a_name_with_a_trailing_newline_is_not_a_name() -> None:
     ("ok", {"command": ["x"], "working_dir": "exp/run1"}, "working_dir must be an absolute"),
     ("ok", {"command": ["x"], "working_dir": "~/exp"}, "working_dir must be an absolute"),
     ("ok", {"command": ["x"], "working_dir": ""}, "working_dir"),
+    ("ok", {"command": ["./train.sh"]}, "is a relative path and there is no working_dir"),
+    ("ok", {"command": ["bin/train"]}, "is a relative path and there is no working_dir"),
     ("ok", {"command": ["x"], "comand": ["y"]}, "comand"),
     ("ok", {"num_processes": 1}, "command"),
     (".hidden", {"command": ["x"]}, "not valid"),
