@@ -712,17 +712,16 @@ def users() -> None:
               required=True, help="What the user may do, and their jobs' base priority.")
 @click.option("--team", "--team-id", "team_id", default=None,
               help="Team, for per-team limits.")
-@click.option("--data-dir", "data_dir", default=None,
-              type=click.Path(file_okay=False, path_type=Path),
+@click.option("--data-dir", "data_dir", default=None, callback=_DIR_NOT_EMPTY,
               help="Write to this stopped server's log directly, as the local admin (the "
                    "way back in when no admin can sign in); no server is contacted.")
 @FORMAT
 @click.pass_context
 def users_add(ctx: click.Context, name: str, level: str, team_id: str | None,
-              data_dir: Path | None, fmt: str) -> None:
+              data_dir: str | None, fmt: str) -> None:
     """Create a user; their token is shown this once."""
     if data_dir is not None:
-        answer = _add_user_offline(data_dir, name, level, team_id)
+        answer = _add_user_offline(Path(data_dir), name, level, team_id)
     else:
         body: dict[str, Any] = {"name": name, "level": level}
         if team_id:

@@ -1,7 +1,8 @@
 """The GPU inventory: NVML when it works, else the ``--gpus`` spec, else no GPUs.
 
 The spec (SPEC section 1) is a comma-separated list of groups, each ``COUNT`` or
-``COUNTxMODEL:MEMORY_GB``; ``none``, ``0`` or an empty string means no GPUs. Devices get indices
+``COUNTxMODEL:MEMORY_GB``; ``none`` or ``0`` means no GPUs (``serve`` refuses an empty
+``--gpus``, a likely mistake, before it gets here). Devices get indices
 0..n-1 in the order written. A bare count (``4``) gives devices named ``GPU`` with
 ``memory_gb`` 0.0 (unknown). Examples: ``none``, ``4``, ``4xA100:40``, ``2xH100:80,2xL4:24``.
 

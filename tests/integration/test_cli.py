@@ -491,6 +491,8 @@ def test_export_csv_and_a_filtered_export(cli, tmp_path: Path) -> None:
         (["jobs", "logs", "concurrency", "-f"], "not found (404)"),
         (["jobs", "cancel", ""], "cannot be empty"),
         (["queue", "cleanup", "--days", "0"], "--days"),
+        # an unset variable in a script: not the current directory
+        (["users", "add", "x", "--level", "admin", "--data-dir", ""], "is empty"),
         (["nosuchcommand"], "nosuchcommand"),
     ],
 )
