@@ -409,15 +409,6 @@ def jobs_status(ctx: click.Context, fmt: str) -> None:
     _out().print(key_values(stats_pairs(answer), title="queue"))
 
 
-def _job_entry(api: Client, job_id: str) -> dict[str, Any]:
-    """``GET /api/queue/{job_id}``. A word such as ``stats`` or ``me`` names a route of
-    its own there, and is no job's: an answer that is not this job's entry is a 404."""
-    answer = api.get(f"/api/queue/{job_segment(job_id)}")
-    if not isinstance(answer, dict) or answer.get("job_id") != job_id:
-        raise ClientError(f"not found: no job with id {job_id!r}", 404)
-    return answer
-
-
 @jobs.command("show")
 @click.argument("job_id")
 @FORMAT
@@ -426,7 +417,7 @@ def jobs_show(ctx: click.Context, job_id: str, fmt: str) -> None:
     """One job's queue entry."""
     from service.cli_tables import key_values
 
-    answer = _job_entry(_api(ctx), job_id)
+    answer = _api(ctx).get(f"/api/queue/{job_segment(job_id)}")
     if fmt == "json":
         _json(answer)
         return
@@ -464,7 +455,7 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, tail: int | None,
                 output.print_new(tail)  # --tail prints at once, after reading: all or none
                 started = True
             # the status first: output written before the job ended is then all in the file
-            entry = _job_entry(api, job_id)
+            entry = api.get(f"/api/queue/{job_segment(job_id)}")
             output.print_new()
         except ClientError as exc:
             if not (exc.unreachable or exc.status in (502, 503, 504)):  # 502/504: a proxy's

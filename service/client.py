@@ -78,20 +78,27 @@ def _not_text() -> ClientError:
 
 def segment(value: object) -> str:
     """One path segment (a job id, a user id): escaped, so that ``?``, ``#`` or ``/`` in it
-    cannot reach another route; an empty one cannot either."""
+    cannot reach another route; an empty one, ``.`` or ``..`` cannot either."""
     text = str(value)
     if not text:
         raise ClientError("an id cannot be empty")
+    if text in (".", ".."):
+        raise ClientError(f"{text!r} cannot be an id")
     try:
         return quote(text, safe="")
     except UnicodeEncodeError:
         raise _not_text() from None
 
 
+# The fixed routes under /api/queue/ (SPEC section 7): no job id is one of them.
+_QUEUE_ROUTES = frozenset(
+    {"submit", "cancel", "stats", "me", "position", "concurrency", "process", "cleanup"})
+
+
 def job_segment(job_id: str) -> str:
-    """A job id as the segment after ``/api/queue/``. Job ids are url-safe (SPEC 2): one
-    that is path syntax (``..``, ``a/b``) is no job's, and must not reach another route."""
-    if job_id in (".", "..") or "/" in job_id:
+    """A job id as the segment after ``/api/queue/``: one that names a route of its own
+    there (``stats``), or is path syntax (``..``, ``a/b``), is no job's."""
+    if job_id in _QUEUE_ROUTES or job_id in (".", "..") or "/" in job_id:
         raise ClientError(f"not found: no job with id {job_id!r}", 404)
     return segment(job_id)
 

@@ -488,7 +488,10 @@ def test_export_csv_and_a_filtered_export(cli, tmp_path: Path) -> None:
         # a word that names a route of its own under /api/queue/ is no job's
         (["jobs", "show", "stats"], "no job with id 'stats'"),
         (["jobs", "show", "me", "--format", "json"], "no job with id 'me'"),
-        (["jobs", "logs", "concurrency", "-f"], "not found (404)"),
+        (["jobs", "logs", "concurrency", "-f"], "no job with id 'concurrency'"),
+        (["jobs", "cancel", "position"], "no job with id 'position'"),
+        (["jobs", "explain", "position"], "no job with id 'position'"),
+        (["users", "token", "1", "--revoke", ".."], "'..' cannot be an id"),
         (["jobs", "cancel", ""], "cannot be empty"),
         (["queue", "cleanup", "--days", "0"], "--days"),
         # an unset variable in a script: not the current directory
