@@ -643,7 +643,7 @@ def _limit_options(func: Any) -> Any:
 @FORMAT
 @click.pass_context
 def queue_limits(ctx: click.Context, fmt: str, **changes: Any) -> None:
-    """Show the queue settings, or change the ones given."""
+    """Show the queue settings, or change the ones given (admin)."""
     from service.cli_tables import key_values
 
     body = {name: value for name, value in changes.items() if value is not None}

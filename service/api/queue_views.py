@@ -105,10 +105,10 @@ def job_position(request: Request[Any, Any, Any], actor: CurrentActor,
 @get("/concurrency", sync_to_thread=False, responses=error_responses(401, 403),
      summary="Queue limits and settings")
 def get_concurrency(request: Request[Any, Any, Any], actor: CurrentActor) -> ConcurrencySettings:
-    """Admin (SPEC 6: concurrency is an admin action); everyone reads the limits that
-    decide their wait in ``GET /api/queue/stats``."""
-    require_admin(actor, "reading the queue settings (everyone sees the limits in "
-                  "GET /api/queue/stats)")
+    """Admin (SPEC 6: concurrency is an admin action); everyone reads the concurrency
+    limits in ``GET /api/queue/stats``."""
+    require_admin(actor, "reading the queue settings (everyone sees the concurrency limits "
+                  "in GET /api/queue/stats: `gpuyard jobs status`)")
     return settings_out(engine_of(request).state)
 
 
