@@ -73,7 +73,7 @@ DOMAIN_STATUS: dict[type[DomainError], int] = {
 }
 
 _DESCRIPTIONS = {
-    400: "Malformed request: the body is not JSON",
+    400: "Malformed request (a body that is not JSON, say)",
     401: "No valid bearer token (once a user exists)",
     403: "Your level does not allow this",
     404: "Unknown job, user or config",
@@ -86,12 +86,13 @@ _DESCRIPTIONS = {
 
 
 def error_responses(*codes: int) -> dict[int, ResponseSpec]:
-    """OpenAPI entries for the error statuses a route can answer (401 and 422 always:
-    any ``/api`` route may need a token, and any parameter may be invalid)."""
+    """OpenAPI entries for the error statuses a route can answer (400, 401 and 422 always:
+    any request may be malformed, any ``/api`` route may need a token, and any parameter
+    may be invalid; without 400 here Litestar documents a body of its own for it)."""
     return {
         code: ResponseSpec(data_container=ErrorBody, description=_DESCRIPTIONS[code],
                            generate_examples=False)
-        for code in sorted({401, 422, *codes})
+        for code in sorted({400, 401, 422, *codes})
     }
 
 

@@ -23,8 +23,18 @@ __all__ = [
     "InvalidConfig", "ConfigListing", "SubmitStatus", "EntryStatus", "sent_fields",
 ]
 
-NonNegative = Annotated[int, Meta(ge=0)]
-Positive = Annotated[int, Meta(ge=1)]
+_SCHEMA_NAMES = {"ge": "minimum", "gt": "exclusive_minimum", "le": "maximum"}
+
+
+def bounds(**limits: float) -> Meta:
+    """``Meta(ge=…, gt=…, le=…)``, the limits also spelled out for the OpenAPI schema:
+    Litestar 2 leaves a bound of 0 out of it (it tests the bound for truth)."""
+    extra = {_SCHEMA_NAMES[name]: value for name, value in limits.items()}
+    return Meta(**limits, extra_json_schema={"extra": extra})
+
+
+NonNegative = Annotated[int, bounds(ge=0)]
+Positive = Annotated[int, bounds(ge=1)]
 # A new submission is running, queued, rejected or blocked; an idempotent replay reports
 # the original job's status now, which may also be completed, failed or cancelled.
 SubmitStatus = Literal[
@@ -67,7 +77,7 @@ class SubmitRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     no_wait: bool = False
     dry_run: bool = False
     requires_approval: bool = False
-    estimated_cost: Annotated[float, Meta(ge=0)] | None = None
+    estimated_cost: Annotated[float, bounds(ge=0)] | None = None
     worker_labels: dict[str, str] = field(default_factory=dict)
     max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -205,7 +215,7 @@ class BulkCancelResponse(Struct, kw_only=True):
 
 
 class PriorityRequest(Struct, kw_only=True, forbid_unknown_fields=True):
-    priority: Annotated[int, Meta(ge=0, le=100)] | None
+    priority: Annotated[int, bounds(ge=0, le=100)] | None
 
 
 class PriorityResponse(Struct, kw_only=True):
@@ -247,10 +257,10 @@ class ConcurrencyUpdate(Struct, kw_only=True, forbid_unknown_fields=True):
     starvation_threshold_minutes: (
         Annotated[float, Meta(ge=MIN_STARVATION_THRESHOLD_MINUTES)] | UnsetType) = UNSET
     starvation_boost: NonNegative | UnsetType = UNSET
-    approval_cost_threshold: Annotated[float, Meta(ge=0)] | UnsetType = UNSET
-    approval_timeout_hours: Annotated[float, Meta(gt=0)] | UnsetType = UNSET
+    approval_cost_threshold: Annotated[float, bounds(ge=0)] | UnsetType = UNSET
+    approval_timeout_hours: Annotated[float, bounds(gt=0)] | UnsetType = UNSET
     cancel_grace_seconds: (
-        Annotated[float, Meta(ge=0, le=MAX_CANCEL_GRACE_SECONDS)] | UnsetType) = UNSET
+        Annotated[float, bounds(ge=0, le=MAX_CANCEL_GRACE_SECONDS)] | UnsetType) = UNSET
 
 
 class ProcessResponse(Struct, kw_only=True):
@@ -333,7 +343,7 @@ class ConfigBody(Struct, kw_only=True, forbid_unknown_fields=True):
     device_ids: list[NonNegative] | None = None
     env: dict[str, str] = field(default_factory=dict)
     working_dir: Annotated[str, Meta(min_length=1)] | None = None
-    estimated_cost: Annotated[float, Meta(ge=0)] | None = None
+    estimated_cost: Annotated[float, bounds(ge=0)] | None = None
 
 
 class ConfigOut(Struct, kw_only=True):

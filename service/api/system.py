@@ -16,6 +16,7 @@ from typing import Annotated, Any, BinaryIO
 
 import anyio
 from litestar import Request, Response, Router, get
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Stream
 from msgspec import Struct
@@ -169,7 +170,13 @@ async def _whole_file(handle: BinaryIO, offset: int) -> AsyncIterator[bytes]:
             yield chunk
 
 
-@get("/queue/{job_id:str}/logs", responses=error_responses(401, 403, 404, 409, 422),
+# the output is text, whichever of its two answers (whole, or streamed) carries it
+_LOG_TEXT = ResponseSpec(data_container=str, media_type=TEXT, generate_examples=False,
+                         description="The job's combined stdout and stderr, as text")
+
+
+@get("/queue/{job_id:str}/logs",
+     responses={**error_responses(401, 403, 404, 409, 422), 200: _LOG_TEXT},
      summary="A job's output", tags=["queue"], media_type=TEXT)
 async def job_logs(
     request: Request[Any, Any, Any],
@@ -178,7 +185,7 @@ async def job_logs(
     tail: Annotated[int | None, QueryParameter(ge=1, le=MAX_TAIL,
                                                description="only the last N lines")] = None,
     offset: Annotated[int | None, QueryParameter(
-        ge=0, le=MAX_OFFSET,
+        ge=0, le=MAX_OFFSET, schema_extra={"minimum": 0},  # Litestar drops a 0 bound
         description="skip this many bytes (what a follower has already printed)")] = None,
 ) -> Response[bytes] | Stream:
     """The job's combined stdout and stderr (every attempt), as text; empty before it runs.

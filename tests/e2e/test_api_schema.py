@@ -102,3 +102,42 @@ def test_the_schema_documents_every_endpoint(live_server) -> None:
     submit = paths["/api/queue/submit"]["post"]
     assert {"200", "201", "400", "401", "404", "409", "413", "422"} <= set(submit["responses"])
     assert "BearerToken" in document["components"]["securitySchemes"]
+
+
+def test_the_schema_states_what_the_server_enforces(live_server) -> None:
+    """A client generated from the schema refuses what the server refuses: bounds of 0
+    included (Litestar drops those unless told), our error body on every status, text
+    for the logs."""
+    server, _ = live_server
+    document = httpx.get(server.url + "/schema").json()
+    models = document["components"]["schemas"]
+    bound = {(model, field): {k: v for k, v in models[model]["properties"][field].items()
+                              if k in ("minimum", "exclusiveMinimum", "maximum")}
+             for model, field in [("SubmitRequest", "num_processes"),
+                                  ("SubmitRequest", "estimated_cost"),
+                                  ("PriorityRequest", "priority"),
+                                  ("ConcurrencyUpdate", "starvation_boost"),
+                                  ("ConcurrencyUpdate", "approval_timeout_hours"),
+                                  ("ConcurrencyUpdate", "cancel_grace_seconds"),
+                                  ("ConfigBody", "num_processes")]}
+    assert bound == {
+        ("SubmitRequest", "num_processes"): {"minimum": 0},
+        ("SubmitRequest", "estimated_cost"): {"minimum": 0},
+        ("PriorityRequest", "priority"): {"minimum": 0, "maximum": 100},
+        ("ConcurrencyUpdate", "starvation_boost"): {"minimum": 0},
+        ("ConcurrencyUpdate", "approval_timeout_hours"): {"exclusiveMinimum": 0},
+        ("ConcurrencyUpdate", "cancel_grace_seconds"): {"minimum": 0, "maximum": 3600},
+        ("ConfigBody", "num_processes"): {"minimum": 0},
+    }
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if not path.startswith("/api/"):
+                continue
+            for status in ("400", "401", "422"):
+                content = operation["responses"][status]["content"]["application/json"]
+                assert content["schema"] == {"$ref": "#/components/schemas/ErrorBody"}, (
+                    method, path, status)
+    logs = document["paths"]["/api/queue/{job_id}/logs"]["get"]
+    assert logs["responses"]["200"]["content"] == {"text/plain": {"schema": {"type": "string"}}}
+    offset = next(p for p in logs["parameters"] if p["name"] == "offset")
+    assert offset["schema"]["minimum"] == 0
