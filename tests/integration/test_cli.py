@@ -424,8 +424,10 @@ def test_export_then_verify_and_a_changed_event_fails(cli, server, tmp_path: Pat
     assert broken.value.seq == target["seq"]
 
 
-def test_export_csv_and_a_filtered_export(cli, tmp_path: Path) -> None:
+def test_export_csv_and_a_filtered_export(cli, server, tmp_path: Path) -> None:
     wanted = _job_id(cli("jobs", "submit", "quick", "--format", "json"))
+    # its events are all written before the exports compare (it ends in about 0.6 s)
+    wait_until(lambda: _status(server, wanted) == "completed")
     as_csv = tmp_path / "audit.csv"
     assert cli("audit", "export", "--format", "csv", "-o", str(as_csv)).returncode == 0
     assert verify_file(as_csv).count > 0
