@@ -19,7 +19,7 @@ from events.log import ChainBroken, EventLog
 from projections.fold import fold_batches
 from service.commands import LOCAL_ADMIN, CreateUser, handle
 from service.ids import new_token, new_token_id, token_hash
-from service.runtime import lock_data_dir
+from service.runtime import DataDirLock
 
 __all__ = ["OfflineError", "add_user"]
 
@@ -41,7 +41,7 @@ def add_user(
     if not path.is_file():
         raise OfflineError(f"there is no event log at {path}")
     try:
-        lock = lock_data_dir(data_dir)
+        lock = DataDirLock(data_dir)
     except OSError as exc:
         raise OfflineError(f"{exc}; stop it first, or create the user over the API") from None
     try:

@@ -23,7 +23,7 @@ from service.commands import SYSTEM, ObserveInventory
 from service.configs import ConfigStore
 from service.engine import Engine
 
-__all__ = ["DataDirLock", "Runtime", "resolve_data_dir", "lock_data_dir"]
+__all__ = ["DataDirLock", "Runtime", "resolve_data_dir"]
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
@@ -50,8 +50,7 @@ class Runtime:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "configs").mkdir(exist_ok=True)
         self.runs_dir.mkdir(exist_ok=True)
-        self._lock = lock_data_dir(self.data_dir)
-        self._closed = False
+        self._lock = DataDirLock(self.data_dir)
         self.log_path = self.data_dir / "events.db"
         try:
             self.event_log = EventLog(self.log_path)
@@ -108,10 +107,7 @@ class Runtime:
 
     def close(self) -> None:
         """Close the log and release the data directory; a second call does nothing."""
-        if self._closed:
-            return
-        self._closed = True
-        self.event_log.close()
+        self.event_log.close()  # apsw's close, like release, may be called again
         self._lock.release()  # the next server may use the data directory
 
 
@@ -158,7 +154,3 @@ class DataDirLock:
         while self._fds:
             os.close(self._fds.pop())
 
-
-def lock_data_dir(data_dir: Path) -> DataDirLock:
-    """Hold the data directory for this process (see :class:`DataDirLock`)."""
-    return DataDirLock(data_dir)
